@@ -1,0 +1,149 @@
+"""Step benchmark: compile time, step time, pairs/s, FLOPs per pair, MFU, IPOT's share.
+
+  python -m codis_jax.bench                          # tiny + paper configs, small batch, CPU
+  python -m codis_jax.bench --configs=paper --batch=64 --steps=20   # on an accelerator
+
+FLOPs come from XLA's `cost_analysis()` of the compiled step (forward + backward + update,
+teacher included). MFU = achieved FLOP/s / the device's dense bf16 peak (table below);
+on CPU no peak is known and MFU is not printed.
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codis_jax import ot
+from codis_jax import state as state_lib
+from codis_jax import train
+from configs import pretrain
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', ['tiny', 'paper'], 'pretrain.py variants to run.')
+flags.DEFINE_integer('batch', 4, 'Global batch size (0 = the config value).')
+flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
+flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
+flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    'A100': 312e12, 'H100': 989e12, 'H200': 989e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+}
+
+
+def device_peak_flops(device) -> float | None:
+  kind = device.device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
+    cost = cost[0]
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _time(fn, steps):
+  out = fn()
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def synthetic_batch(config, b):
+  rs = np.random.RandomState(0)
+  m = config.model
+  ids = rs.randint(1000, m.vocab_size, (b, config.text_len)).astype(np.int32)
+  ids[:, 0] = m.cls_id
+  return {'image': rs.randn(b, m.image_size, m.image_size, 3).astype(np.float32),
+          'text_ids': ids, 'text_mask': np.ones_like(ids),
+          'image_id': np.arange(b, dtype=np.int32)}
+
+
+def bench_config(name: str, batch: int, steps: int) -> dict:
+  config = pretrain.get_config(name)
+  if batch:
+    config.batch_size = batch
+    # Keep the paper's queue length whenever the batch tiles it; else the largest that does.
+    config.queue_size -= config.queue_size % batch
+  if FLAGS.dtype:
+    config.model.dtype = FLAGS.dtype
+  if FLAGS.remat:
+    config.model.remat = FLAGS.remat
+  b = config.batch_size
+  tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
+  state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+  step = jax.jit(train.make_train_step(config, tx, steps_per_epoch=1000), donate_argnums=0)
+  batch_arrays = jax.device_put(synthetic_batch(config, b))
+  rng = jax.random.key(1)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch_arrays, rng).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled)
+  mem = compiled.memory_analysis()
+
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batch_arrays, rng)
+    return metrics['loss']
+
+  step_s = _time(run, steps)
+
+  # IPOT alone at the step's shapes (both modalities), to report its share of the step.
+  lc = config.loss
+  ipot_s = 0.0
+  if lc.use_codebook:
+    cost = jax.random.uniform(jax.random.key(2), (b, config.model.codebook_size)) * 2
+    ipot_fn = jax.jit(lambda c: ot.ipot(c, beta=lc.ipot_beta, num_iters=lc.ipot_iters,
+                                        num_inner=lc.ipot_inner))
+    ipot_s = 2 * _time(lambda: ipot_fn(cost), max(steps, 3))
+
+  device = jax.devices()[0]
+  peak = device_peak_flops(device)
+  result = dict(
+      config=name, device=device.device_kind, batch=b, dtype=config.model.dtype,
+      remat=config.model.remat, compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
+      gflops_per_pair=flops / b / 1e9, ipot_share=ipot_s / step_s,
+      temp_gib=mem.temp_size_in_bytes / 2**30 if mem else float('nan'),
+      args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))
+  if peak:
+    result['mfu'] = flops / step_s / (peak * jax.device_count())
+  stats = getattr(device, 'memory_stats', lambda: None)()
+  if stats and 'peak_bytes_in_use' in stats:
+    result['peak_gib'] = stats['peak_bytes_in_use'] / 2**30
+  return result
+
+
+def format_row(r: dict) -> str:
+  mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else 'n/a'
+  return (f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | "
+          f"{r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | {r['pairs_per_s']:.1f} | "
+          f"{r['gflops_per_pair']:.1f} | {mfu} | {100 * r['ipot_share']:.2f}% | "
+          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} |")
+
+
+HEADER = ('| config | device | batch | dtype | compile s | step ms | pairs/s | GFLOPs/pair '
+          '| MFU | IPOT share | args GiB | temp GiB |\n' + '|---' * 12 + '|')
+
+
+def main(argv):
+  del argv
+  print(HEADER)
+  for name in FLAGS.configs:
+    print(format_row(bench_config(name, FLAGS.batch, FLAGS.steps)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

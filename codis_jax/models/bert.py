@@ -1,0 +1,132 @@
+"""BERT (HF / ALBEF layout): embeddings, text layers, fusion layers, tied MLM head.
+
+ALBEF splits BERT-base in two: layers 0-5 encode text alone (self-attention), layers 6-11
+fuse (self-attention, cross-attention to the image tokens, MLP). Post-norm, exact GELU,
+LayerNorm eps 1e-12, hidden dropout after each residual branch.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from codis_jax.models import layers
+
+_INIT = nn.initializers.normal(0.02)
+
+
+class BertEmbeddings(nn.Module):
+  """ids [B, L] -> [B, L, D]: word + position + token-type(0), LayerNorm, dropout."""
+  vocab_size: int
+  width: int
+  max_positions: int
+  type_vocab_size: int
+  eps: float
+  dropout: float
+  deterministic: bool
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    embed = lambda n, axes, name: nn.Embed(
+        n, self.width, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=layers.logical_init(_INIT, axes), name=name)
+    self.word_embeddings = embed(self.vocab_size, ('vocab', 'embed'), 'word_embeddings')
+    self.position_embeddings = embed(self.max_positions, (None, 'embed'),
+                                     'position_embeddings')
+    self.token_type_embeddings = embed(self.type_vocab_size, (None, 'embed'),
+                                       'token_type_embeddings')
+    self.norm = layers.layer_norm(self.eps, self.dtype, 'LayerNorm')
+    self.drop = nn.Dropout(self.dropout)
+
+  def __call__(self, ids):
+    length = ids.shape[1]
+    if length > self.max_positions:
+      raise ValueError(f'text length {length} exceeds max_positions {self.max_positions}')
+    x = (self.word_embeddings(ids)
+         + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(jnp.zeros_like(ids)))
+    x = self.drop(self.norm(x), deterministic=self.deterministic)
+    return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
+
+  def attend(self, hidden):
+    """Tied decoder: hidden [B, L, D] -> [B, L, V] against the word embeddings."""
+    return self.word_embeddings.attend(hidden)
+
+
+class BertLayer(nn.Module):
+  """One BERT layer; with `cross=True` a fusion layer (cross-attention after self-attention).
+
+  x [B, L, D]; x_mask bool [B, 1, 1, L]; image [B, S, Dv] (fusion only). -> [B, L, D].
+  """
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  dropout: float
+  deterministic: bool
+  cross: bool = False
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, x_mask, image=None):
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    attn = lambda name: layers.Attention(self.num_heads, self.dtype, _INIT,
+                                         self.attention_impl, name=name)
+    norm = lambda name: layers.layer_norm(self.eps, self.dtype, name)
+    x = norm('attention_norm')(x + drop(attn('attention')(x, x, x_mask)))
+    if self.cross:
+      # Every image token is visible: ALBEF gives the image no mask.
+      x = norm('crossattention_norm')(x + drop(attn('crossattention')(x, image)))
+    h = layers.dense(self.mlp_dim, 'embed', ('mlp',), dtype=self.dtype, init=_INIT,
+                     name='intermediate')(x)
+    h = layers.constrain(layers.gelu(h), ('act_batch', 'act_len', 'act_mlp'))
+    h = layers.dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=_INIT,
+                     name='output')(h)
+    x = norm('output_norm')(x + drop(h))
+    return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
+
+
+class BertStack(nn.Module):
+  """`num_layers` BertLayers numbered from `first_layer` (ALBEF numbers 0-11 across both)."""
+  num_layers: int
+  first_layer: int
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  dropout: float
+  deterministic: bool
+  cross: bool = False
+  dtype: Any = jnp.float32
+  remat: str = 'none'
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, text_mask, image=None):
+    mask = layers.padding_mask(text_mask)
+    layer_cls = layers.maybe_remat(BertLayer, self.remat)
+    for i in range(self.first_layer, self.first_layer + self.num_layers):
+      x = layer_cls(self.num_heads, self.mlp_dim, self.eps, self.dropout,
+                    self.deterministic, self.cross, self.dtype, self.attention_impl,
+                    name=f'layer_{i}')(x, mask, image)
+    return x
+
+
+class MlmHead(nn.Module):
+  """BERT's prediction head: dense + GELU + LayerNorm, then the tied decoder plus a bias.
+
+  hidden [B, L, D] -> logits [B, L, V]; `embeddings` is the BertEmbeddings to tie to.
+  """
+  vocab_size: int
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden, embeddings: BertEmbeddings):
+    # A square kernel cannot name 'embed' twice; its output dim stays unsplit.
+    h = layers.dense(hidden.shape[-1], 'embed', ('embed_out',), dtype=self.dtype,
+                     init=_INIT, name='transform')(hidden)
+    h = layers.layer_norm(self.eps, self.dtype, 'transform_norm')(layers.gelu(h))
+    bias = self.param('bias', layers.logical_init(nn.initializers.zeros, ('vocab',)),
+                      (self.vocab_size,), jnp.float32)
+    logits = embeddings.attend(h) + bias.astype(h.dtype)
+    return layers.constrain(logits, ('act_batch', 'act_len', 'act_vocab'))

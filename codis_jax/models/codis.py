@@ -1,0 +1,96 @@
+"""The CODIS model: ViT, BERT text + fusion encoders, projections, ITM/MLM heads,
+the learnable temperature and the codebook.
+
+One module, several methods; the train step calls them with `model.apply(..., method=)`:
+  encode_image(images)           -> tokens [B, 1+P, Dv], feature [B, E] (L2-normalised, f32)
+  encode_text(ids, mask)         -> tokens [B, L, Dt],  feature [B, E]
+  fuse(text, mask, image_tokens) -> fused tokens [B, L, Dt]
+  itm_logits(fused)              -> [B, 2] from the fused [CLS]
+  mlm_logits(fused)              -> [B, L, V] (decoder tied to the word embeddings)
+  temperature()                  -> scalar, clamped to [temp_min, temp_max]
+  codebook()                     -> [K, E] (raw; losses L2-normalise it)
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from codis_jax.models import bert, layers, vit
+
+
+def l2_normalize(x, eps=1e-12):
+  """L2-normalise the last axis in float32 (features feed losses, queues and IPOT)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CODIS(nn.Module):
+  config: ml_collections.FrozenConfigDict  # the `model` part of the config
+  train: bool = False  # dropout on (student) or off (teacher, evaluation)
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    impl = c.attention_impl or None
+    self.visual_encoder = vit.ViT(
+        c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp_dim, c.vit_ln_eps,
+        dtype, c.remat, impl)
+    text_common = dict(num_heads=c.text_heads, mlp_dim=c.text_mlp_dim, eps=c.text_ln_eps,
+                       dropout=c.dropout, deterministic=not self.train, dtype=dtype,
+                       remat=c.remat, attention_impl=impl)
+    self.embeddings = bert.BertEmbeddings(
+        c.vocab_size, c.text_width, c.max_positions, c.type_vocab_size, c.text_ln_eps,
+        c.dropout, not self.train, dtype)
+    self.text_layers = bert.BertStack(c.text_layers, 0, **text_common)
+    self.fusion_layers = bert.BertStack(c.fusion_layers, c.text_layers, cross=True,
+                                        **text_common)
+    self.mlm_head = bert.MlmHead(c.vocab_size, c.text_ln_eps, dtype)
+    proj = lambda name: layers.dense(c.embed_dim, 'embed', ('proj',), dtype=jnp.float32,
+                                     init=nn.initializers.normal(0.02), name=name)
+    self.vision_proj = proj('vision_proj')
+    self.text_proj = proj('text_proj')
+    self.itm_head = layers.dense(2, 'embed', (None,), dtype=jnp.float32,
+                                 init=nn.initializers.normal(0.02), name='itm_head')
+    self.temp = self.param('temp', layers.logical_init(
+        nn.initializers.constant(c.temp_init), ()), (), jnp.float32)
+    # Codewords start as random directions; they are L2-normalised wherever used.
+    self.codebook_weights = self.param('codebook', layers.logical_init(
+        nn.initializers.normal(1.0), ('codebook', 'proj')), (c.codebook_size, c.embed_dim),
+        jnp.float32)
+
+  def encode_image(self, images):
+    tokens = self.visual_encoder(images)
+    return tokens, l2_normalize(self.vision_proj(tokens[:, 0].astype(jnp.float32)))
+
+  def encode_text(self, ids, mask):
+    tokens = self.text_layers(self.embeddings(ids), mask)
+    return tokens, l2_normalize(self.text_proj(tokens[:, 0].astype(jnp.float32)))
+
+  def fuse(self, text_tokens, text_mask, image_tokens):
+    return self.fusion_layers(text_tokens, text_mask, image_tokens.astype(text_tokens.dtype))
+
+  def itm_logits(self, fused):
+    return self.itm_head(fused[:, 0].astype(jnp.float32))
+
+  def mlm_logits(self, fused):
+    return self.mlm_head(fused, self.embeddings)
+
+  def temperature(self):
+    c = self.config
+    return jnp.clip(self.temp, c.temp_min, c.temp_max)
+
+  def codebook(self):
+    return self.codebook_weights
+
+  def __call__(self, images, ids, mask):
+    """Touches every parameter once (used by `init`). Returns the ITM and MLM logits."""
+    image_tokens, _ = self.encode_image(images)
+    text_tokens, _ = self.encode_text(ids, mask)
+    fused = self.fuse(text_tokens, mask, image_tokens)
+    return self.itm_logits(fused), self.mlm_logits(fused), self.temperature(), self.codebook()
+
+
+def build_model(model_config, train: bool) -> CODIS:
+  return CODIS(ml_collections.FrozenConfigDict(model_config), train=train)

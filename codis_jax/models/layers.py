@@ -1,0 +1,119 @@
+"""Shared transformer pieces with logical axis annotations.
+
+Every weight is created through `nn.with_logical_partitioning`, and the main activations
+pass through `nn.with_logical_constraint`, so a rules table (see `codis_jax.sharding`) maps
+them to mesh axes. Without rules in scope both are no-ops: single-device code is unchanged.
+
+Logical names. Weights: 'embed' (a model width), 'mlp', 'heads', 'kv' (head dim),
+'vocab', 'proj' (the 256-d joint space), 'codebook' (K). Activations: 'act_batch',
+'act_len', 'act_embed', 'act_mlp', 'act_heads', 'act_kv', 'act_vocab'.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Exact (erf) GELU, as timm's ViT and HF BERT use.
+gelu = functools.partial(jax.nn.gelu, approximate=False)
+
+
+def logical_init(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1):
+  """A DenseGeneral whose kernel and bias carry logical axis names.
+
+  `out_axes` names the output feature dims (one name per entry of `features`).
+  """
+  in_axes = in_axis if isinstance(in_axis, tuple) else (in_axis,)
+  return nn.DenseGeneral(
+      features=features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=logical_init(init, in_axes + tuple(out_axes)),
+      bias_init=logical_init(nn.initializers.zeros, tuple(out_axes)),
+      name=name)
+
+
+def layer_norm(eps, dtype, name):
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=logical_init(nn.initializers.ones, ('embed',)),
+      bias_init=logical_init(nn.initializers.zeros, ('embed',)),
+      name=name)
+
+
+def padding_mask(text_mask):
+  """[B, L] 1/0 key mask -> boolean [B, 1, 1, L] for dot_product_attention."""
+  return (text_mask > 0)[:, None, None, :]
+
+
+class Attention(nn.Module):
+  """Multi-head attention (self when `kv` is `q`, cross otherwise).
+
+  q_in: [B, T, Dq]; kv_in: [B, S, Dkv]; mask: bool broadcastable to [B, H, T, S].
+  Returns [B, T, Dq]. Softmax runs in float32 inside `jax.nn.dot_product_attention`.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  init: Any = nn.initializers.normal(0.02)
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, q_in, kv_in, mask=None):
+    width = q_in.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head = (self.num_heads, width // self.num_heads)
+    proj = functools.partial(dense, head, 'embed', ('heads', 'kv'), dtype=self.dtype,
+                             init=self.init)
+    q = proj(name='query')(q_in)
+    k = proj(name='key')(kv_in)
+    v = proj(name='value')(kv_in)
+    q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
+               for t in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation=self.implementation or None)
+    out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.init,
+                name='out', axis=(-2, -1))(out)
+    return constrain(out, ('act_batch', 'act_len', 'act_embed'))
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP: [B, T, D] -> [B, T, D]."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self.hidden, 'embed', ('mlp',), dtype=self.dtype, init=self.init,
+              name='fc1')(x)
+    h = constrain(gelu(h), ('act_batch', 'act_len', 'act_mlp'))
+    return dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=self.init,
+                 name='fc2')(h)
+
+
+def remat_policy(name: str):
+  """Config name -> (use remat, checkpoint policy)."""
+  policies = {
+      'none': (False, None),
+      'full': (True, None),  # save nothing inside a layer
+      'dots': (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+  }
+  if name not in policies:
+    raise ValueError(f'config.model.remat={name!r}: choose from {sorted(policies)}')
+  return policies[name]
+
+
+def maybe_remat(cls, name: str):
+  use, policy = remat_policy(name)
+  return nn.remat(cls, policy=policy) if use else cls

@@ -1,0 +1,84 @@
+"""ViT image encoder (timm / ALBEF layout): pre-norm blocks, [CLS], learned positions."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codis_jax.models import layers
+
+_INIT = nn.initializers.truncated_normal(0.02)
+
+
+class ViTBlock(nn.Module):
+  """x + attn(norm1(x)); x + mlp(norm2(x)). [B, T, D] -> [B, T, D]."""
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = layers.layer_norm(self.eps, self.dtype, 'norm1')(x)
+    x = x + layers.Attention(self.num_heads, self.dtype, _INIT, self.attention_impl,
+                             name='attn')(h, h)
+    h = layers.layer_norm(self.eps, self.dtype, 'norm2')(x)
+    x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, name='mlp')(h)
+    return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
+
+
+class ViT(nn.Module):
+  """images [B, H, W, 3] (normalised) -> tokens [B, 1 + (H/p)*(W/p), D] after the final norm."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  remat: str = 'none'
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f'image size {images.shape[1:3]} is not a multiple of patch {p}')
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=layers.logical_init(_INIT, (None, None, None, 'embed')),
+                bias_init=layers.logical_init(nn.initializers.zeros, ('embed',)),
+                name='patch_embed')(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    cls = self.param('cls_token', layers.logical_init(_INIT, (None, None, 'embed')),
+                     (1, 1, d), jnp.float32)
+    pos = self.param('pos_embed', layers.logical_init(_INIT, (None, None, 'embed')),
+                     (1, 1 + gh * gw, d), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+    x = layers.constrain(x + pos.astype(x.dtype), ('act_batch', 'act_len', 'act_embed'))
+    block = layers.maybe_remat(ViTBlock, self.remat)
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_dim, self.eps, self.dtype, self.attention_impl,
+                name=f'blocks_{i}')(x)
+    return layers.layer_norm(self.eps, self.dtype, 'norm')(x)
+
+
+def interpolate_pos_embed(pos_embed, new_grid: int):
+  """Bicubic resize of the patch position grid (ALBEF's interpolate_pos_embed).
+
+  pos_embed: [1, 1 + g*g, D] -> [1, 1 + new_grid**2, D]; the [CLS] position is kept.
+  """
+  pos_embed = jnp.asarray(pos_embed)
+  n = pos_embed.shape[1] - 1
+  g = int(round(np.sqrt(n)))
+  if g * g != n:
+    raise ValueError(f'position embedding has {n} patch positions, not a square grid')
+  if g == new_grid:
+    return pos_embed
+  grid = pos_embed[:, 1:].reshape(1, g, g, -1)
+  grid = jax.image.resize(grid, (1, new_grid, new_grid, grid.shape[-1]), 'bicubic')
+  return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, new_grid * new_grid, -1)], 1)

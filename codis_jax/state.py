@@ -1,0 +1,85 @@
+"""The train state, its creation, the optimiser and the EMA teacher update."""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from codis_jax import queue as queue_lib
+from codis_jax.models import codis
+
+# Parameters with no teacher copy (ALBEF has no itm_head_m); the teacher borrows the
+# student's temperature and codebook.
+STUDENT_ONLY = ('itm_head', 'temp', 'codebook')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32 scalar: optimiser steps taken
+  params: Any                # student parameters
+  ema_params: Any            # teacher: EMA of the student (all but STUDENT_ONLY)
+  opt_state: Any             # AdamW state
+  image_queue: jax.Array     # [Q, E] teacher image features
+  text_queue: jax.Array      # [Q, E] teacher text features
+  queue_ptr: jax.Array       # int32 scalar, shared by both queues
+
+
+def teacher_subset(params):
+  return {k: v for k, v in params.items() if k not in STUDENT_ONLY}
+
+
+def teacher_params(state: TrainState):
+  """The full tree the teacher model applies: EMA weights + the student-only leaves."""
+  return {**state.params, **state.ema_params}
+
+
+def ema_update(teacher, student, momentum):
+  """teacher <- m * teacher + (1 - m) * student, leaf by leaf (same tree structure)."""
+  return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
+def learning_rate_schedule(optim_config, total_steps: int):
+  """Linear warm-up warmup_lr -> lr over warmup_steps, then cosine to min_lr at total_steps."""
+  c = optim_config
+  return optax.warmup_cosine_decay_schedule(
+      init_value=c.warmup_lr, peak_value=c.lr, warmup_steps=c.warmup_steps,
+      decay_steps=max(total_steps, c.warmup_steps + 1), end_value=c.min_lr)
+
+
+def make_optimizer(optim_config, total_steps: int):
+  """AdamW; like ALBEF (timm's optimiser factory), no decay on biases, norms, temperature."""
+  c = optim_config
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(learning_rate_schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
+                      weight_decay=c.weight_decay, mask=decay_mask)
+  if c.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adamw)
+  return adamw
+
+
+def init_params(config, rng):
+  """Boxed (logically partitioned) student parameters of the config's model."""
+  m = config.model
+  model = codis.build_model(m, train=False)
+  images = jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32)
+  ids = jnp.zeros((1, config.text_len), jnp.int32)
+  return model.init(rng, images, ids, jnp.ones_like(ids))['params']
+
+
+def create_train_state(config, rng, tx) -> TrainState:
+  """A fresh state: student init, teacher = copy of the student, random unit queues."""
+  queue_lib.check_queue_size(config.queue_size, config.batch_size)
+  r_params, r_img, r_txt = jax.random.split(rng, 3)
+  params = nn.meta.unbox(init_params(config, r_params))
+  e = config.model.embed_dim
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, teacher_subset(params)),
+      opt_state=tx.init(params),
+      image_queue=queue_lib.init_queue(r_img, config.queue_size, e),
+      text_queue=queue_lib.init_queue(r_txt, config.queue_size, e),
+      queue_ptr=jnp.zeros((), jnp.int32))

@@ -1,0 +1,184 @@
+"""The CODIS train step: one pure function `train_step(state, batch, rng) -> (state, metrics)`.
+
+Order inside the step (paper Alg. 1 + ALBEF):
+  1. mask the text for MLM (on device, from the step's rng);
+  2. teacher forward only (EMA weights): image tokens/features, text features, MLM logits;
+  3. student forward + losses: L_ica (queues), L_code (IPOT plans), ITM (hard negatives),
+     MLM (with teacher distillation); total = eq. 9 with config weights;
+  4. AdamW update; temperature clamped; EMA teacher update with the new student;
+  5. the teacher features of the batch are enqueued (after the losses used the old queue).
+Work is shared: the text encoder runs once on [clean; masked] text, the fusion encoder
+once on [ITM positives; ITM negatives x2; MLM] for the student and once (MLM) for the teacher.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from codis_jax import losses
+from codis_jax import queue as queue_lib
+from codis_jax import state as state_lib
+from codis_jax.models import codis
+from codis_jax.models import layers
+
+_ICA_TERMS = ('i2t', 't2i', 'i2i', 't2t')
+
+
+def alpha_at(loss_config, step, steps_per_epoch: int):
+  """Distillation weight, ramped linearly from 0 over the first epoch(s) (ALBEF)."""
+  ramp = loss_config.alpha_warmup_epochs * steps_per_epoch
+  if ramp <= 0:
+    return jnp.float32(loss_config.alpha)
+  return loss_config.alpha * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
+
+
+def codebook_usage(plan):
+  """How many codewords the plan's row-wise argmax uses, and that histogram's perplexity.
+
+  plan: [N, K]. A collapsing codebook shows as few used codewords / low perplexity.
+  """
+  k = plan.shape[1]
+  counts = jnp.zeros((k,), jnp.float32).at[jnp.argmax(plan, axis=1)].add(1.0)
+  p = counts / plan.shape[0]
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return jnp.sum(counts > 0).astype(jnp.float32), jnp.exp(entropy)
+
+
+def _check_config(config):
+  terms = tuple(t for t in config.loss.ica_terms.split(',') if t)
+  unknown = set(terms) - set(_ICA_TERMS)
+  if unknown:
+    raise ValueError(f'config.loss.ica_terms has unknown terms {sorted(unknown)}; '
+                     f'choose from {_ICA_TERMS}')
+  if config.loss.codebook_features not in ('teacher', 'student'):
+    raise ValueError(f'config.loss.codebook_features={config.loss.codebook_features!r}: '
+                     "choose 'teacher' or 'student'")
+  if config.batch_size < 2:
+    raise ValueError('config.batch_size must be >= 2: ITM needs an in-batch negative')
+  queue_lib.check_queue_size(config.queue_size, config.batch_size)
+  return terms
+
+
+def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
+  """Builds the pure step for `config` and optimiser `tx` (jit it once, donate the state).
+
+  `lr_schedule` (step -> lr), if given, only feeds the `lr` metric.
+  """
+  terms = _check_config(config)
+  lc, mc = config.loss, config.model
+  student = codis.build_model(mc, train=True)
+  teacher = codis.build_model(mc, train=False)
+
+  def teacher_forward(params, images, ids, mask, masked_ids):
+    """Forward only: (image feat [B,E], text feat [B,E], MLM logits [B,L,V]), no gradient."""
+    apply = lambda method, *a: teacher.apply({'params': params}, *a, method=method)
+    image_tokens, image_feat = apply(codis.CODIS.encode_image, images)
+    b = ids.shape[0]
+    text_tokens, text_feat = apply(codis.CODIS.encode_text,
+                                   jnp.concatenate([ids, masked_ids]),
+                                   jnp.concatenate([mask, mask]))
+    fused = apply(codis.CODIS.fuse, text_tokens[b:], mask, image_tokens)
+    mlm_logits = apply(codis.CODIS.mlm_logits, fused)
+    return jax.lax.stop_gradient((image_feat, text_feat[:b], mlm_logits))
+
+  def loss_fn(params, state, batch, masked, teacher_out, alpha, rngs):
+    images, ids, mask = batch['image'], batch['text_ids'], batch['text_mask']
+    masked_ids, mlm_targets, mlm_weights = masked
+    image_feat_m, text_feat_m, mlm_logits_m = teacher_out
+    r_drop, r_neg = rngs
+    apply = lambda method, *a: student.apply({'params': params}, *a, method=method,
+                                             rngs={'dropout': r_drop})
+    b = ids.shape[0]
+    image_tokens, image_feat = apply(codis.CODIS.encode_image, images)
+    text_tokens, text_feat = apply(codis.CODIS.encode_text,
+                                   jnp.concatenate([ids, masked_ids]),
+                                   jnp.concatenate([mask, mask]))
+    text_tokens, masked_tokens, text_feat = text_tokens[:b], text_tokens[b:], text_feat[:b]
+    temp = apply(codis.CODIS.temperature)
+
+    # Sharding (no-ops without a mesh): the queues stay split along their length and the
+    # small [B, E] feature batches are gathered instead, so the [B, Q] similarities are
+    # split along Q and only the softmax normalisers are reduced across devices.
+    gathered = lambda x: layers.constrain(x, (None, None))
+    queues = [layers.constrain(q, ('queue', None))
+              for q in (state.image_queue, state.text_queue)]
+    ica, ica_parts, sim_i2t, sim_t2i = losses.ica_loss(
+        gathered(image_feat), gathered(text_feat), gathered(image_feat_m),
+        gathered(text_feat_m), *queues, temp, alpha, terms=terms,
+        reduction=lc.ica_reduction)
+    metrics = {f'loss_{k}': v for k, v in ica_parts.items()}
+
+    code = jnp.float32(0.0)
+    if lc.use_codebook:
+      if lc.codebook_features == 'teacher':
+        src_img, src_txt = image_feat_m, text_feat_m
+      else:
+        src_img, src_txt = image_feat, text_feat  # stop-gradient inside the loss
+      # IPOT over the global batch with its rows split over the batch axes; XLA reduces
+      # the column sums across devices.
+      rows = lambda x: layers.constrain(x, ('act_batch', None))
+      code, code_parts, plans = losses.codebook_loss(
+          rows(image_feat), rows(text_feat), rows(src_img), rows(src_txt),
+          apply(codis.CODIS.codebook), temp,
+          pairing=lc.codebook_pairing, beta=lc.ipot_beta, num_iters=lc.ipot_iters,
+          num_inner=lc.ipot_inner)
+      metrics.update({f'loss_{k}': v for k, v in code_parts.items()})
+      for name, plan in plans.items():
+        used, ppl = codebook_usage(plan)
+        metrics[f'codebook_used_{name}'], metrics[f'codebook_ppl_{name}'] = used, ppl
+
+    # ITM over [positives; image + hard-negative text; hard-negative image + text] and
+    # MLM in ONE fusion call of 4B rows.
+    neg_txt, neg_img = losses.sample_hard_negatives(
+        r_neg, sim_i2t, sim_t2i, group_size=lc.itm_group_size or None)
+    fuse_text = jnp.concatenate([text_tokens, text_tokens[neg_txt], text_tokens,
+                                 masked_tokens])
+    fuse_mask = jnp.concatenate([mask, mask[neg_txt], mask, mask])
+    fuse_image = jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_img],
+                                  image_tokens])
+    fused = apply(codis.CODIS.fuse, fuse_text, fuse_mask, fuse_image)
+    itm, itm_acc = losses.itm_loss(apply(codis.CODIS.itm_logits, fused[:3 * b]))
+    mlm = losses.mlm_loss(apply(codis.CODIS.mlm_logits, fused[3 * b:]), mlm_logits_m,
+                          mlm_targets, mlm_weights, alpha)
+
+    total = lc.w_ica * ica + lc.w_code * code + lc.w_itm * itm + lc.w_mlm * mlm
+    metrics.update(loss=total, loss_ica=ica, loss_code=code, loss_itm=itm, loss_mlm=mlm,
+                   itm_acc=itm_acc, temp=temp)
+    return total, metrics
+
+  def train_step(state: state_lib.TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    r_mask, r_drop, r_neg = jax.random.split(rng, 3)
+    ids, mask = batch['text_ids'], batch['text_mask']
+    masked = losses.mask_tokens(r_mask, ids, mask, vocab_size=mc.vocab_size,
+                                mask_id=mc.mask_id, cls_id=mc.cls_id, pad_id=mc.pad_id,
+                                prob=lc.mlm_prob)
+    teacher_out = teacher_forward(state_lib.teacher_params(state), batch['image'], ids,
+                                  mask, masked[0])
+    alpha = alpha_at(lc, state.step, steps_per_epoch)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(
+        state.params, state, batch, masked, teacher_out, alpha, (r_drop, r_neg))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    # ALBEF clamps the stored temperature in place; the forward clamps it too.
+    params['temp'] = jnp.clip(params['temp'], mc.temp_min, mc.temp_max)
+    ema = state_lib.ema_update(state.ema_params, state_lib.teacher_subset(params),
+                               config.momentum)
+    image_queue, ptr = queue_lib.enqueue(state.image_queue, state.queue_ptr, teacher_out[0])
+    text_queue, _ = queue_lib.enqueue(state.text_queue, state.queue_ptr, teacher_out[1])
+
+    metrics.update(alpha=alpha, grad_norm=_global_norm(grads),
+                   mlm_tokens=jnp.sum(masked[2]))
+    if lr_schedule is not None:
+      metrics['lr'] = lr_schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state, image_queue=image_queue,
+                              text_queue=text_queue, queue_ptr=ptr)
+    return new_state, metrics
+
+  return train_step
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))

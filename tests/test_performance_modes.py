@@ -1,0 +1,84 @@
+"""Performance modes keep the math: fused attention, remat, bf16."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codis_jax import state as state_lib
+from codis_jax import train
+from codis_jax.models import layers
+from conftest import make_batch
+
+
+def _reference_attention(x_q, x_kv, mask, p, heads):
+  """softmax(QK^T / sqrt(d) + mask) V in float64 numpy, from the raw weights."""
+  x_q, x_kv = np.float64(x_q), np.float64(x_kv)
+  proj = lambda x, w: np.einsum('btd,dhk->bthk', x, np.float64(w['kernel'])) + w['bias']
+  q, k, v = proj(x_q, p['query']), proj(x_kv, p['key']), proj(x_kv, p['value'])
+  logits = np.einsum('bthk,bshk->bhts', q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask[:, None, None, :] > 0, logits, -1e30)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  out = np.einsum('bhts,bshk->bthk', w, v)
+  return np.einsum('bthk,hkd->btd', out, np.float64(p['out']['kernel'])) + p['out']['bias']
+
+
+@pytest.mark.parametrize('cross', [False, True])
+def test_attention_equals_softmax_reference_with_padding(cross):
+  rs = np.random.RandomState(0)
+  b, t, s, d, heads = 3, 7, 5 if cross else 7, 16, 4
+  x_q = rs.randn(b, t, d).astype(np.float32)
+  x_kv = rs.randn(b, s, 24 if cross else d).astype(np.float32) if cross else x_q
+  mask = None if cross else (np.arange(t)[None] < np.array([7, 3, 1])[:, None]).astype(
+      np.int32)
+  attn = layers.Attention(heads)
+  jmask = None if mask is None else layers.padding_mask(jnp.asarray(mask))
+  params = nn.meta.unbox(attn.init(jax.random.key(0), x_q, x_kv, jmask)['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * rs.randn(*p.shape).astype(np.float32), params)
+  got = attn.apply({'params': params}, x_q, x_kv, jmask)
+  want = _reference_attention(x_q, x_kv, mask, jax.tree.map(np.asarray, params), heads)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+
+
+def _loss_and_grads(config, batch):
+  tx = state_lib.make_optimizer(config.optim, 100)
+  st = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+  step = train.make_train_step(config, tx, steps_per_epoch=10)
+  # Gradient of the step's loss w.r.t. the student params, through the public step.
+  loss = lambda p: step(st.replace(params=p), batch, jax.random.key(3))[1]['loss']
+  return jax.jit(jax.value_and_grad(loss))(st.params)
+
+
+@pytest.mark.parametrize('mode', ['full', 'dots'])
+def test_remat_modes_match_none(tiny_config, mode):
+  batch = make_batch(tiny_config)
+  ref_loss, ref_grads = _loss_and_grads(tiny_config, batch)
+  tiny_config.model.remat = mode
+  loss, grads = _loss_and_grads(tiny_config, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads, ref_grads)
+
+
+def test_bfloat16_matches_float32_loss_terms(tiny_config):
+  """bf16 compute (f32 params, losses, IPOT, queues) agrees with f32 within 2e-2 relative."""
+  c = tiny_config
+  batch = make_batch(c)
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    c.model.dtype = dtype
+    tx = state_lib.make_optimizer(c.optim, 100)
+    st = jax.jit(lambda r: state_lib.create_train_state(c, r, tx))(jax.random.key(0))
+    _, m = jax.jit(train.make_train_step(c, tx, 10))(st, batch, jax.random.key(3))
+    results[dtype] = jax.tree.map(float, m)
+  for k in ('loss_i2t', 'loss_t2i', 'loss_i2i', 'loss_t2t', 'loss_ot_img', 'loss_ot_txt',
+            'loss_i2p', 'loss_t2p', 'loss_itm', 'loss_mlm', 'loss'):
+    assert results['bfloat16'][k] == pytest.approx(results['float32'][k], rel=2e-2), k
+
+
+def test_bad_remat_name_is_a_clear_error():
+  with pytest.raises(ValueError, match='config.model.remat'):
+    layers.remat_policy('sometimes')

@@ -1,0 +1,131 @@
+"""The pure train step: it learns, is deterministic, and routes gradients correctly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codis_jax import state as state_lib
+from codis_jax import train
+from conftest import make_batch
+
+
+def _setup(config, seed=0):
+  tx = state_lib.make_optimizer(config.optim, config.total_steps)
+  st = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(seed))
+  step = train.make_train_step(config, tx, steps_per_epoch=10)
+  return st, step
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def test_learns_on_a_fixed_batch(tiny_config):
+  c = tiny_config
+  c.optim.update(lr=1e-3, warmup_lr=1e-3, min_lr=1e-3, warmup_steps=0)
+  c.total_steps = 300
+  st, step = _setup(c)
+  step = jax.jit(step, donate_argnums=0)
+  batch = make_batch(c)
+  rng = jax.random.key(1)
+  first = last = None
+  for i in range(c.total_steps):
+    st, m = step(st, batch, rng)
+    m = _np(m)
+    for k in ('loss', 'loss_ica', 'loss_code', 'loss_itm', 'loss_mlm'):
+      assert np.isfinite(m[k]), (i, k, m[k])
+    if i == 0:
+      first = m
+    last = m
+  assert last['loss'] < 0.5 * first['loss'], (first['loss'], last['loss'])
+  assert last['itm_acc'] > 0.9
+
+
+def test_same_seed_same_numbers(tiny_config):
+  c = tiny_config
+  batch = make_batch(c)
+  runs = []
+  for _ in range(2):
+    st, step = _setup(c)
+    step = jax.jit(step)
+    for i in range(3):
+      st, m = step(st, make_batch(c, seed=i), jax.random.key(7))
+    runs.append((_np(st.params), _np(m), np.asarray(st.image_queue)))
+  (p0, m0, q0), (p1, m1, q1) = runs
+  jax.tree.map(np.testing.assert_array_equal, p0, p1)
+  jax.tree.map(np.testing.assert_array_equal, m0, m1)
+  np.testing.assert_array_equal(q0, q1)
+  del batch
+
+
+def test_no_gradient_into_the_teacher(tiny_config):
+  c = tiny_config
+  st, step = _setup(c)
+  batch = make_batch(c)
+  # Warm up so teacher != student, then differentiate the loss w.r.t. the teacher.
+  st, _ = jax.jit(step)(st, batch, jax.random.key(0))
+  loss_of_teacher = lambda ema: step(st.replace(ema_params=ema), batch,
+                                     jax.random.key(1))[1]['loss']
+  value_and_grad = jax.jit(jax.value_and_grad(loss_of_teacher))
+  loss, grads = value_and_grad(st.ema_params)
+  for g in jax.tree.leaves(grads):
+    assert np.all(np.asarray(g) == 0)
+  # ...while the teacher does change the loss (its features are the targets).
+  bumped, _ = value_and_grad(jax.tree.map(lambda x: x * 1.5, st.ema_params))
+  assert bumped != loss
+
+
+def test_ema_and_queue_after_one_step(tiny_config):
+  c = tiny_config
+  st, step = _setup(c)
+  st, _ = jax.jit(step)(st, make_batch(c, seed=1), jax.random.key(0))  # teacher != student
+  before = _np(st)
+  after, _ = jax.jit(step)(st, make_batch(c, seed=2), jax.random.key(0))
+  after = _np(after)
+  m = c.momentum
+  for path, t_old in jax.tree_util.tree_leaves_with_path(before.ema_params):
+    s_new = _get(after.params, path)
+    expected = m * t_old.astype(np.float64) + (1 - m) * s_new.astype(np.float64)
+    np.testing.assert_allclose(_get(after.ema_params, path), expected, rtol=1e-6,
+                               atol=1e-7)
+  assert set(after.ema_params) == set(after.params) - set(state_lib.STUDENT_ONLY)
+  b, ptr = c.batch_size, int(before.queue_ptr)
+  assert int(after.queue_ptr) == (ptr + b) % c.queue_size
+  # Rows outside [ptr, ptr+B) are untouched; the written rows are unit vectors.
+  untouched = np.ones(c.queue_size, bool)
+  untouched[ptr:ptr + b] = False
+  np.testing.assert_array_equal(after.image_queue[untouched], before.image_queue[untouched])
+  np.testing.assert_allclose(np.linalg.norm(after.image_queue[ptr:ptr + b], axis=1), 1,
+                             rtol=1e-5)
+  assert not np.allclose(after.image_queue[ptr:ptr + b], before.image_queue[ptr:ptr + b])
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_temperature_clamp_holds(tiny_config):
+  c = tiny_config
+  st, step = _setup(c)
+  params = dict(st.params, temp=jnp.float32(3.0))
+  st = st.replace(params=params)
+  st2, m = jax.jit(step)(st, make_batch(c), jax.random.key(0))
+  assert float(m['temp']) == pytest.approx(c.model.temp_max)
+  assert float(st2.params['temp']) <= c.model.temp_max
+  # Beyond the clamp the temperature gets no gradient.
+  loss_of_temp = lambda t: step(st.replace(params=dict(st.params, temp=t)),
+                                make_batch(c), jax.random.key(0))[1]['loss']
+  assert float(jax.jit(jax.grad(loss_of_temp))(jnp.float32(3.0))) == 0.0
+  low = dict(st.params, temp=jnp.float32(1e-5))
+  _, m = jax.jit(step)(st.replace(params=low), make_batch(c), jax.random.key(0))
+  assert float(m['temp']) == pytest.approx(c.model.temp_min)
+
+
+def test_bad_queue_size_is_a_clear_error(tiny_config):
+  c = tiny_config
+  c.queue_size = 30  # not a multiple of the batch (8)
+  with pytest.raises(ValueError, match='queue_size=30 is not a multiple'):
+    _setup(c)
