@@ -79,6 +79,17 @@ def axis_rules(config):
     yield
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, config):
+  """The mesh AND the rules in scope: what tracing a sharded function needs.
+
+  Both are required: without a mesh set by `jax.set_mesh` (the legacy `with mesh:` is not
+  enough), flax turns every logical constraint into a silent no-op.
+  """
+  with jax.set_mesh(mesh), axis_rules(config):
+    yield
+
+
 def logical_to_sharding(logical_specs, mesh: Mesh, config):
   """A tree of logical PartitionSpecs -> NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(config))
@@ -130,7 +141,7 @@ def create_sharded_state(config, tx, mesh: Mesh, rng):
   """The initial TrainState, created directly in its sharded layout (never whole on one device)."""
   check_batch(config, mesh)
   _, shardings = state_shardings(config, tx, mesh)
-  with mesh, axis_rules(config):
+  with mesh_context(mesh, config):
     init = jax.jit(lambda r: state_lib.create_train_state(config, r, tx),
                    out_shardings=shardings)
     return init(rng), shardings
@@ -162,7 +173,7 @@ def jit_train_step(train_step, config, mesh: Mesh, shardings):
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
   def call(state, batch, rng):
-    with mesh, axis_rules(config):
+    with mesh_context(mesh, config):
       return jitted(state, batch, rng)
 
   call.lower = lambda *a: _lower(jitted, mesh, config, *a)
@@ -170,7 +181,7 @@ def jit_train_step(train_step, config, mesh: Mesh, shardings):
 
 
 def _lower(jitted, mesh, config, *args):
-  with mesh, axis_rules(config):
+  with mesh_context(mesh, config):
     return jitted.lower(*args)
 
 

@@ -72,13 +72,13 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     """Forward only: (image feat [B,E], text feat [B,E], MLM logits [B,L,V]), no gradient."""
     apply = lambda method, *a: teacher.apply({'params': params}, *a, method=method)
     image_tokens, image_feat = apply(codis.CODIS.encode_image, images)
-    b = ids.shape[0]
-    text_tokens, text_feat = apply(codis.CODIS.encode_text,
-                                   jnp.concatenate([ids, masked_ids]),
-                                   jnp.concatenate([mask, mask]))
-    fused = apply(codis.CODIS.fuse, text_tokens[b:], mask, image_tokens)
+    text_tokens, text_feat = apply(codis.CODIS.encode_text, interleave(ids, masked_ids),
+                                   interleave(mask, mask))
+    (_, masked_tokens), (text_feat, _) = deinterleave(text_tokens, 2), deinterleave(
+        text_feat, 2)
+    fused = apply(codis.CODIS.fuse, masked_tokens, mask, image_tokens)
     mlm_logits = apply(codis.CODIS.mlm_logits, fused)
-    return jax.lax.stop_gradient((image_feat, text_feat[:b], mlm_logits))
+    return jax.lax.stop_gradient((image_feat, text_feat, mlm_logits))
 
   def loss_fn(params, state, batch, masked, teacher_out, alpha, rngs):
     images, ids, mask = batch['image'], batch['text_ids'], batch['text_mask']
@@ -87,12 +87,11 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     r_drop, r_neg = rngs
     apply = lambda method, *a: student.apply({'params': params}, *a, method=method,
                                              rngs={'dropout': r_drop})
-    b = ids.shape[0]
     image_tokens, image_feat = apply(codis.CODIS.encode_image, images)
-    text_tokens, text_feat = apply(codis.CODIS.encode_text,
-                                   jnp.concatenate([ids, masked_ids]),
-                                   jnp.concatenate([mask, mask]))
-    text_tokens, masked_tokens, text_feat = text_tokens[:b], text_tokens[b:], text_feat[:b]
+    text_tokens, text_feat = apply(codis.CODIS.encode_text, interleave(ids, masked_ids),
+                                   interleave(mask, mask))
+    (text_tokens, masked_tokens), (text_feat, _) = (deinterleave(text_tokens, 2),
+                                                    deinterleave(text_feat, 2))
     temp = apply(codis.CODIS.temperature)
 
     # Sharding (no-ops without a mesh): the queues stay split along their length and the
@@ -128,16 +127,20 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
 
     # ITM over [positives; image + hard-negative text; hard-negative image + text] and
     # MLM in ONE fusion call of 4B rows.
-    neg_txt, neg_img = losses.sample_hard_negatives(
-        r_neg, sim_i2t, sim_t2i, group_size=lc.itm_group_size or None)
-    fuse_text = jnp.concatenate([text_tokens, text_tokens[neg_txt], text_tokens,
-                                 masked_tokens])
-    fuse_mask = jnp.concatenate([mask, mask[neg_txt], mask, mask])
-    fuse_image = jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_img],
-                                  image_tokens])
-    fused = apply(codis.CODIS.fuse, fuse_text, fuse_mask, fuse_image)
-    itm, itm_acc = losses.itm_loss(apply(codis.CODIS.itm_logits, fused[:3 * b]))
-    mlm = losses.mlm_loss(apply(codis.CODIS.mlm_logits, fused[3 * b:]), mlm_logits_m,
+    group = lc.itm_group_size or ids.shape[0]
+    neg_txt, neg_img = losses.sample_hard_negatives(r_neg, sim_i2t, sim_t2i,
+                                                    group_size=group)
+    neg_text_tokens, neg_mask = (take_in_groups(x, neg_txt, group) for x in (text_tokens,
+                                                                              mask))
+    neg_image_tokens = take_in_groups(image_tokens, neg_img, group)
+    fused = apply(codis.CODIS.fuse,
+                  interleave(text_tokens, neg_text_tokens, text_tokens, masked_tokens),
+                  interleave(mask, neg_mask, mask, mask),
+                  interleave(image_tokens, image_tokens, neg_image_tokens, image_tokens))
+    pos, neg_t, neg_i, mlm_fused = deinterleave(fused, 4)
+    itm, itm_acc = losses.itm_loss(apply(codis.CODIS.itm_logits,
+                                         jnp.concatenate([pos, neg_t, neg_i])[:, :1]))
+    mlm = losses.mlm_loss(apply(codis.CODIS.mlm_logits, mlm_fused), mlm_logits_m,
                           mlm_targets, mlm_weights, alpha)
 
     total = lc.w_ica * ica + lc.w_code * code + lc.w_itm * itm + lc.w_mlm * mlm
@@ -177,6 +180,35 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     return new_state, metrics
 
   return train_step
+
+
+def interleave(*xs):
+  """k arrays [B, ...] -> [k*B, ...] with row b*k + j = xs[j][b].
+
+  Unlike concatenation, this keeps every example's rows on the device that holds the
+  example when the batch is sharded, so batching several passes into one call moves no
+  data between devices.
+  """
+  return jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:])
+
+
+def deinterleave(x, k: int):
+  """Inverse of `interleave`: [k*B, ...] -> k arrays [B, ...]."""
+  x = x.reshape((-1, k) + x.shape[1:])
+  return [x[:, j] for j in range(k)]
+
+
+def take_in_groups(x, idx, group: int):
+  """x[idx] where every idx[i] lies in i's group of `group` consecutive rows.
+
+  x: [B, ...]; idx: [B] int. Gathering per group (a batched gather) lets XLA keep each
+  group on its devices instead of gathering all of x everywhere.
+  """
+  b = x.shape[0]
+  xg = x.reshape((b // group, group) + x.shape[1:])
+  local = (idx % group).reshape(b // group, group)
+  local = local.reshape(local.shape + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(xg, local, axis=1).reshape(x.shape)
 
 
 def _global_norm(tree):

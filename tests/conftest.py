@@ -10,6 +10,11 @@ os.environ['XLA_FLAGS'] = ' '.join([
     os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
     '--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Persistent compilation cache shared by the test processes (and the subprocesses they
+# start): many tests compile the same tiny step; a hit replaces a compile with a file read.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -52,10 +52,17 @@ def _loss_and_grads(config, batch):
   return jax.jit(jax.value_and_grad(loss))(st.params)
 
 
+@pytest.fixture(scope='module')
+def no_remat():
+  from configs import pretrain
+  config = pretrain.get_config('tiny')
+  return _loss_and_grads(config, make_batch(config))
+
+
 @pytest.mark.parametrize('mode', ['full', 'dots'])
-def test_remat_modes_match_none(tiny_config, mode):
+def test_remat_modes_match_none(no_remat, tiny_config, mode):
   batch = make_batch(tiny_config)
-  ref_loss, ref_grads = _loss_and_grads(tiny_config, batch)
+  ref_loss, ref_grads = no_remat
   tiny_config.model.remat = mode
   loss, grads = _loss_and_grads(tiny_config, batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)

@@ -30,17 +30,45 @@ def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
-def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1):
-  """A DenseGeneral whose kernel and bias carry logical axis names.
+class Dense(nn.Module):
+  """y = x . kernel + bias over the trailing `len(in_axes)` dims of x.
 
+  kernel: in_dims + features, named `in_axes + out_axes`; bias: features, named
+  `out_axes`. (flax's DenseGeneral builds its kernel flat and reshapes it, which clashes
+  with logical constraints on the multi-dim kernel, hence this small module.) Params are
+  float32; the matmul runs in `dtype`.
+  """
+  features: tuple[int, ...]
+  in_axes: tuple[str | None, ...]
+  out_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.in_axes)
+    kernel = self.param('kernel', logical_init(self.kernel_init, self.in_axes + self.out_axes),
+                        x.shape[x.ndim - n_in:] + self.features, jnp.float32)
+    bias = self.param('bias', logical_init(nn.initializers.zeros, self.out_axes),
+                      self.features, jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (contract, ((), ())))
+    return y + bias.astype(self.dtype)
+
+
+def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1):
+  """A Dense whose kernel and bias carry logical axis names.
+
+  `in_axis` names the contracted input dim(s) (a tuple when `axis` is a tuple);
   `out_axes` names the output feature dims (one name per entry of `features`).
   """
   in_axes = in_axis if isinstance(in_axis, tuple) else (in_axis,)
-  return nn.DenseGeneral(
-      features=features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=logical_init(init, in_axes + tuple(out_axes)),
-      bias_init=logical_init(nn.initializers.zeros, tuple(out_axes)),
-      name=name)
+  n_in = len(axis) if isinstance(axis, tuple) else 1
+  if len(in_axes) != n_in:
+    raise ValueError(f'dense {name}: {len(in_axes)} input axis names for {n_in} dims')
+  features = features if isinstance(features, tuple) else (features,)
+  return Dense(features, in_axes, tuple(out_axes), dtype, init, name=name)
 
 
 def layer_norm(eps, dtype, name):
@@ -64,7 +92,7 @@ class Attention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  init: Any = nn.initializers.normal(0.02)
+  kernel_init: Any = nn.initializers.normal(0.02)
   implementation: str | None = None
 
   @nn.compact
@@ -74,7 +102,7 @@ class Attention(nn.Module):
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head = (self.num_heads, width // self.num_heads)
     proj = functools.partial(dense, head, 'embed', ('heads', 'kv'), dtype=self.dtype,
-                             init=self.init)
+                             init=self.kernel_init)
     q = proj(name='query')(q_in)
     k = proj(name='key')(kv_in)
     v = proj(name='value')(kv_in)
@@ -82,7 +110,7 @@ class Attention(nn.Module):
                for t in (q, k, v))
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, implementation=self.implementation or None)
-    out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.init,
+    out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
                 name='out', axis=(-2, -1))(out)
     return constrain(out, ('act_batch', 'act_len', 'act_embed'))
 
@@ -91,14 +119,14 @@ class Mlp(nn.Module):
   """Two-layer GELU MLP: [B, T, D] -> [B, T, D]."""
   hidden: int
   dtype: Dtype = jnp.float32
-  init: Any = nn.initializers.normal(0.02)
+  kernel_init: Any = nn.initializers.normal(0.02)
 
   @nn.compact
   def __call__(self, x):
-    h = dense(self.hidden, 'embed', ('mlp',), dtype=self.dtype, init=self.init,
+    h = dense(self.hidden, 'embed', ('mlp',), dtype=self.dtype, init=self.kernel_init,
               name='fc1')(x)
     h = constrain(gelu(h), ('act_batch', 'act_len', 'act_mlp'))
-    return dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=self.init,
+    return dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=self.kernel_init,
                  name='fc2')(h)
 
 

@@ -1,0 +1,122 @@
+"""Scaling report: AOT-compile the paper config's step for fake CPU meshes, allocate nothing.
+
+  python -m codis_jax.scaling_report                    # 1, 2, 4, 8 devices, FSDP
+  python -m codis_jax.scaling_report --devices=8 --layout=data
+
+For each mesh: per-device argument and temp bytes (`memory_analysis()`), FLOPs
+(`cost_analysis()`), and the collectives in the compiled HLO with their sizes.
+"""
+
+import collections
+import os
+import re
+import sys
+
+if 'jax' not in sys.modules:  # fake CPU devices must be requested before JAX starts
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                             + ' --xla_force_host_platform_device_count=8')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+
+from codis_jax import sharding  # noqa: E402
+from codis_jax import state as state_lib  # noqa: E402
+from codis_jax import train  # noqa: E402
+from configs import pretrain  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Mesh sizes to compile for.')
+flags.DEFINE_enum('layout', 'fsdp', ['fsdp', 'data'], 'Which mesh axis takes the devices.')
+flags.DEFINE_string('variant', 'paper', 'configs/pretrain.py variant.')
+
+_COLLECTIVE = re.compile(
+    r'= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)'
+    r'(?:-start)?\(')
+_SHAPE = re.compile(r'(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
+          's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
+
+
+def collectives(hlo_text: str):
+  """[(kind, result bytes)] for every collective in a compiled HLO module's text."""
+  found = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    size = 0
+    for dtype, dims in _SHAPE.findall(m.group(1)):
+      n = 1
+      for d in filter(None, dims.split(',')):
+        n *= int(d)
+      size += n * _BYTES[dtype]
+    found.append((m.group(2), size))
+  return found
+
+
+def compile_step(config, num_devices: int, layout: str = 'fsdp'):
+  """AOT-compiles the step on a (data|fsdp)=num_devices mesh; returns the Compiled."""
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.mesh[layout] = num_devices
+  mesh = sharding.create_mesh(config, jax.devices()[:num_devices])
+  sharding.check_batch(config, mesh)
+  tx = state_lib.make_optimizer(config.optim, 100_000)
+  abstract, shardings = sharding.state_shardings(config, tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  b, m = config.batch_size, config.model
+  bs = sharding.batch_sharding(mesh)
+  batch = {
+      'image': jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), 'float32',
+                                    sharding=bs),
+      'text_ids': jax.ShapeDtypeStruct((b, config.text_len), 'int32', sharding=bs),
+      'text_mask': jax.ShapeDtypeStruct((b, config.text_len), 'int32', sharding=bs),
+      'image_id': jax.ShapeDtypeStruct((b,), 'int32', sharding=bs),
+  }
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  step = sharding.jit_train_step(train.make_train_step(config, tx, 1000), config, mesh,
+                                 shardings)
+  return step.lower(state, batch, rng).compile()
+
+
+def state_bytes(config) -> int:
+  """Bytes of the whole TrainState (= per-device bytes on one device)."""
+  tx = state_lib.make_optimizer(config.optim, 100_000)
+  abstract = jax.eval_shape(lambda r: state_lib.create_train_state(config, r, tx),
+                            jax.random.key(0))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+
+
+def report_row(config, n: int, layout: str) -> dict:
+  compiled = compile_step(config, n, layout)
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  by_kind = collections.defaultdict(lambda: [0, 0, 0])  # count, total bytes, max bytes
+  for kind, size in collectives(compiled.as_text()):
+    entry = by_kind[kind]
+    entry[0] += 1
+    entry[1] += size
+    entry[2] = max(entry[2], size)
+  return dict(devices=n, args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
+              flops=float(cost.get('flops', 0.0)), collectives=dict(by_kind))
+
+
+def main(argv):
+  del argv
+  gib = lambda x: f'{x / 2**30:.2f}'
+  print(f'{FLAGS.variant} config, layout={FLAGS.layout}; state {gib(state_bytes(pretrain.get_config(FLAGS.variant)))} GiB in all')
+  print('| devices | args GiB/device | temp GiB/device | TFLOPs/device | collectives: count, '
+        'total MiB, largest MiB |')
+  print('|---|---|---|---|---|')
+  for n in map(int, FLAGS.devices):
+    r = report_row(pretrain.get_config(FLAGS.variant), n, FLAGS.layout)
+    coll = '; '.join(f'{k} {c}, {t / 2**20:.1f}, {mx / 2**20:.1f}'
+                     for k, (c, t, mx) in sorted(r['collectives'].items())) or 'none'
+    print(f"| {n} | {gib(r['args'])} | {gib(r['temp'])} | {r['flops'] / 1e12:.2f} | "
+          f'{coll} |', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
