@@ -63,7 +63,7 @@ def _time(fn, steps):
 def synthetic_batch(config, b):
   rs = np.random.RandomState(0)
   m = config.model
-  ids = rs.randint(1000, m.vocab_size, (b, config.text_len)).astype(np.int32)
+  ids = rs.randint(5, m.vocab_size, (b, config.text_len)).astype(np.int32)
   ids[:, 0] = m.cls_id
   return {'image': rs.randn(b, m.image_size, m.image_size, 3).astype(np.float32),
           'text_ids': ids, 'text_mask': np.ones_like(ids),

@@ -8,6 +8,7 @@ For each mesh: per-device argument and temp bytes (`memory_analysis()`), FLOPs
 """
 
 import collections
+import math
 import os
 import re
 import sys
@@ -29,6 +30,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Mesh sizes to compile for.')
 flags.DEFINE_enum('layout', 'fsdp', ['fsdp', 'data'], 'Which mesh axis takes the devices.')
 flags.DEFINE_string('variant', 'paper', 'configs/pretrain.py variant.')
+flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
+flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
 
 _COLLECTIVE = re.compile(
     r'= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)'
@@ -39,19 +42,18 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
 
 
 def collectives(hlo_text: str):
-  """[(kind, result bytes)] for every collective in a compiled HLO module's text."""
+  """[(kind, result bytes, result shapes)] for every collective in compiled HLO text."""
   found = []
   for line in hlo_text.splitlines():
     m = _COLLECTIVE.search(line)
     if not m:
       continue
-    size = 0
+    size, shapes = 0, []
     for dtype, dims in _SHAPE.findall(m.group(1)):
-      n = 1
-      for d in filter(None, dims.split(',')):
-        n *= int(d)
-      size += n * _BYTES[dtype]
-    found.append((m.group(2), size))
+      shape = tuple(int(d) for d in filter(None, dims.split(',')))
+      shapes.append(shape)
+      size += math.prod(shape) * _BYTES[dtype]
+    found.append((m.group(2), size, shapes))
   return found
 
 
@@ -94,7 +96,7 @@ def report_row(config, n: int, layout: str) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   by_kind = collections.defaultdict(lambda: [0, 0, 0])  # count, total bytes, max bytes
-  for kind, size in collectives(compiled.as_text()):
+  for kind, size, _ in collectives(compiled.as_text()):
     entry = by_kind[kind]
     entry[0] += 1
     entry[1] += size
@@ -103,15 +105,24 @@ def report_row(config, n: int, layout: str) -> dict:
               flops=float(cost.get('flops', 0.0)), collectives=dict(by_kind))
 
 
+def _config():
+  config = pretrain.get_config(FLAGS.variant)
+  config.model.dtype = FLAGS.dtype or config.model.dtype
+  config.model.remat = FLAGS.remat or config.model.remat
+  return config
+
+
 def main(argv):
   del argv
   gib = lambda x: f'{x / 2**30:.2f}'
-  print(f'{FLAGS.variant} config, layout={FLAGS.layout}; state {gib(state_bytes(pretrain.get_config(FLAGS.variant)))} GiB in all')
+  c = _config()
+  print(f'{FLAGS.variant} config (batch {c.batch_size}, dtype {c.model.dtype}, remat '
+        f'{c.model.remat}), layout={FLAGS.layout}; state {gib(state_bytes(c))} GiB in all')
   print('| devices | args GiB/device | temp GiB/device | TFLOPs/device | collectives: count, '
         'total MiB, largest MiB |')
   print('|---|---|---|---|---|')
   for n in map(int, FLAGS.devices):
-    r = report_row(pretrain.get_config(FLAGS.variant), n, FLAGS.layout)
+    r = report_row(_config(), n, FLAGS.layout)
     coll = '; '.join(f'{k} {c}, {t / 2**20:.1f}, {mx / 2**20:.1f}'
                      for k, (c, t, mx) in sorted(r['collectives'].items())) or 'none'
     print(f"| {n} | {gib(r['args'])} | {gib(r['temp'])} | {r['flops'] / 1e12:.2f} | "

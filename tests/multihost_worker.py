@@ -26,7 +26,7 @@ from codis_jax import sharding  # noqa: E402
 from codis_jax import state as state_lib  # noqa: E402
 from codis_jax import train  # noqa: E402
 from configs import pretrain  # noqa: E402
-from conftest import make_batch  # noqa: E402
+from batches import make_batch  # noqa: E402
 
 config = pretrain.get_config('tiny')
 config.mesh.update(data=-1, fsdp=2, tensor=1)
