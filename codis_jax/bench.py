@@ -27,6 +27,8 @@ flags.DEFINE_integer('batch', 4, 'Global batch size (0 = the config value).')
 flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
 flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
 flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
+flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline (pairs/s '
+                  'at the configs\' image sizes) to set beside the step.')
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -76,6 +78,8 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
     config.batch_size = batch
     # Keep the paper's queue length whenever the batch tiles it; else the largest that does.
     config.queue_size -= config.queue_size % batch
+    if config.loss.itm_group_size and batch % config.loss.itm_group_size:
+      config.loss.itm_group_size = 0  # a small benchmark batch is one ITM group
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
   if FLAGS.remat:
@@ -130,7 +134,7 @@ def format_row(r: dict) -> str:
   mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else 'n/a'
   return (f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | "
           f"{r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | {r['pairs_per_s']:.1f} | "
-          f"{r['gflops_per_pair']:.1f} | {mfu} | {100 * r['ipot_share']:.2f}% | "
+          f"{r['gflops_per_pair']:.4g} | {mfu} | {100 * r['ipot_share']:.2f}% | "
           f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} |")
 
 
@@ -143,6 +147,13 @@ def main(argv):
   print(HEADER)
   for name in FLAGS.configs:
     print(format_row(bench_config(name, FLAGS.batch, FLAGS.steps)), flush=True)
+  if FLAGS.pipeline:
+    from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel
+    for size in sorted({pretrain.get_config(n).model.image_size for n in FLAGS.configs}):
+      r = data_bench.run(image_size=size, batch_size=32, batches=10)
+      print(f"input pipeline (pretraining transform, synthetic 640x480 JPEGs -> {size} px): "
+            f"{r['images_per_s']:.0f} pairs/s on {r['cores']} cores "
+            f"({r['images_per_s_per_core']:.0f} per core)", flush=True)
 
 
 if __name__ == '__main__':

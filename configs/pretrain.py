@@ -1,0 +1,188 @@
+"""CODIS pretraining config: the paper's settings, with named variants.
+
+Use `--config=configs/pretrain.py` for the paper (ViT-B/16@256 + BERT-base 6+6) or
+`--config=configs/pretrain.py:NAME` for a variant; any `--config.a.b=value` overrides.
+
+Variants (Table 4/5 of the paper are one flag each):
+  paper            the paper's settings (default)
+  demo             bundled emoji data, a model small enough for 2 CPU cores
+  tiny             the smallest model; used by tests and the CPU benchmark
+  cross_only       ablation: i2t/t2i alignment only, no codebook (ALBEF-style ITC)
+  intra_cross      ablation: intra + cross alignment, no codebook
+  codebook_student ablation: transport plans from student (not teacher) features
+  codebook_500     ablation: 500 codewords (any size: --config.model.codebook_size=N)
+Variants compose with commas: `configs/pretrain.py:demo,cross_only`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+_ABLATIONS = ('cross_only', 'intra_cross', 'codebook_student', 'codebook_500')
+
+
+def _paper() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 512  # global batch, over all hosts and devices
+  c.num_epochs = 30
+  # Fixed step budget; 0 = num_epochs * steps_per_epoch of the data.
+  c.total_steps = 0
+  c.text_len = 25
+
+  c.model = ml_collections.ConfigDict(dict(
+      image_size=256, patch_size=16,
+      vit_width=768, vit_depth=12, vit_heads=12, vit_mlp_dim=3072, vit_ln_eps=1e-6,
+      vocab_size=30522, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
+      text_mlp_dim=3072, max_positions=512, type_vocab_size=2, text_ln_eps=1e-12,
+      dropout=0.1,  # BERT hidden dropout (ALBEF's config_bert); the ViT has none
+      embed_dim=256, codebook_size=4000,
+      temp_init=0.07, temp_min=0.001, temp_max=0.5,
+      # Special token ids of the bert-base-uncased vocabulary.
+      pad_id=0, cls_id=101, sep_id=102, mask_id=103,
+      # Performance knobs: compute dtype (params stay float32), remat of encoder
+      # layers ('none' | 'full' | 'dots'), and jax.nn.dot_product_attention's
+      # implementation (None = XLA picks; 'cudnn' = flash attention on GPU).
+      dtype='float32', remat='none', attention_impl='',
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      w_mlm=1.0, w_itm=1.0, w_ica=1.0, w_code=1.0,
+      # L_ica terms and how they combine (paper eq. 5 sums the four).
+      ica_terms='i2t,t2i,i2i,t2t', ica_reduction='sum',
+      use_codebook=True,
+      codebook_pairing='cross',   # 'cross' (eq. 2, Fig. 3) | 'same' (Alg. 1, eq. 3)
+      codebook_features='teacher',  # plans from 'teacher' | 'student' features
+      ipot_beta=0.5, ipot_iters=50, ipot_inner=1,
+      alpha=0.4, alpha_warmup_epochs=1.0,  # distillation weight, ramped (ALBEF)
+      mlm_prob=0.15,
+      # ITM hard negatives are sampled within groups of this many consecutive
+      # examples of the global batch; 0 = the whole global batch. A config value,
+      # never the device count, so results do not depend on the mesh. 64 = ALBEF's
+      # per-GPU batch in its 8 x 64 setting.
+      itm_group_size=64,
+  ))
+
+  c.queue_size = 65536
+  c.momentum = 0.995
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_steps=1000,
+      weight_decay=0.02, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0,
+  ))
+
+  c.data = _data('paper')
+
+  # Parallelism: mesh axis sizes (-1 = the rest of the devices) and the rules mapping the
+  # models' logical axis names to mesh axes. See codis_jax/sharding.py and the README.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = (
+      ('act_batch', ('data', 'fsdp')), ('queue', ('data', 'fsdp')),
+      ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'), ('vocab', 'tensor'),
+      ('act_mlp', 'tensor'), ('act_heads', 'tensor'), ('act_vocab', 'tensor'),
+      ('act_len', None), ('act_embed', None), ('act_kv', None), ('kv', None),
+      ('proj', None), ('codebook', None),
+  )
+
+  # Pretrained initialisation (codis_jax/interop/pretrained.py): local directory or file of
+  # a HF BERT / HF-or-timm ViT checkpoint; '' = random init.
+  c.init = ml_collections.ConfigDict(dict(bert='', vit='', bert_fusion='albef'))
+
+  # Zero-shot retrieval during pretraining (codis_jax/evaluate); 0 = only at the end.
+  # eval.data: a retrieval spec or ALBEF JSON path; '' = the data config's retrieval set.
+  # eval.params: the weights the ITC recall uses, 'student' (as ALBEF) or 'ema' (teacher).
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, data='', k_test=256,
+                                          batch_size=64, params='student'))
+
+  # The training program (codis_jax/main.py, loop.py, checkpoint.py, metrics_log.py).
+  # A non-finite loss or gradient stops the run (naming the step and the terms); with
+  # skip_nonfinite=True that update is skipped instead (counted as `skipped`).
+  c.skip_nonfinite = False
+  # JAX's persistent compilation cache ('' = off; $JAX_COMPILATION_CACHE_DIR wins).
+  c.jax_cache_dir = '~/.cache/codis_jax/jax_compile'
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, tensorboard=True, plot=True))
+  # Test hooks: poison the batch of step nan_step with NaN; SIGKILL the process itself
+  # after step kill_step (once pending checkpoints are written). -1 = off.
+  c.debug = ml_collections.ConfigDict(dict(nan_step=-1, kill_step=-1))
+  return c
+
+
+def _data(name: str) -> ml_collections.ConfigDict:
+  """The data section: `name` picks a codis_jax.data config (emoji, fashion_mnist, paper,
+  or 'synthetic' for random in-memory pairs); the other fields override that config's
+  value when set (None = its default), e.g. --config.data.data_dir=/data. Placeholders,
+  not the data config itself, so that reading this file never imports TensorFlow."""
+  ph = config_dict.placeholder
+  fields = dict(train=str, test=str, retrieval=str, data_dir=str, tokenizer=str,
+                auto_prepare=bool, max_words=int, crop_scale_min=float,
+                crop_scale_max=float, randaug_ops=int, randaug_magnitude=int,
+                shuffle_buffer=int, cycle_length=int, prefetch=int, num_threads=int)
+  c = ml_collections.ConfigDict({k: ph(t) for k, t in fields.items()})
+  c.name = name
+  return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.batch_size = 8
+  c.text_len = 12
+  c.model.update(dict(
+      image_size=32, patch_size=8, vit_width=32, vit_depth=2, vit_heads=2, vit_mlp_dim=64,
+      vocab_size=512, text_width=32, text_layers=2, fusion_layers=2, text_heads=2,
+      text_mlp_dim=64, max_positions=64, dropout=0.0, embed_dim=16, codebook_size=24,
+      mask_id=4, cls_id=1, sep_id=2, pad_id=0,
+  ))
+  c.queue_size = 32
+  c.loss.itm_group_size = 0  # the whole (small) batch
+  c.optim.warmup_steps = 10
+  c.total_steps = 100
+  c.data.name = 'synthetic'
+  c.checkpoint.every_steps = 50
+  c.log.every_steps = 10
+  return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.batch_size = 64
+  c.num_epochs = 40
+  c.text_len = 16
+  c.model.update(dict(
+      image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4,
+      vit_mlp_dim=256, text_width=128, text_layers=2, fusion_layers=2, text_heads=4,
+      text_mlp_dim=256, max_positions=64, dropout=0.0, embed_dim=128, codebook_size=256,
+  ))
+  c.queue_size = 1024
+  c.loss.itm_group_size = 0  # the whole (small) batch
+  c.optim.update(dict(lr=5e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_steps=100))
+  c.data.name = 'emoji'
+  return c
+
+
+def _ablation(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name == 'cross_only':
+    c.loss.ica_terms, c.loss.use_codebook = 'i2t,t2i', False
+  elif name == 'intra_cross':
+    c.loss.use_codebook = False
+  elif name == 'codebook_student':
+    c.loss.codebook_features = 'student'
+  elif name == 'codebook_500':
+    c.model.codebook_size = 500
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = _paper()
+  for name in filter(None, (arg or 'paper').split(',')):
+    if name == 'paper':
+      continue
+    elif name == 'tiny':
+      c = _tiny(c)
+    elif name == 'demo':
+      c = _demo(c)
+    elif name in _ABLATIONS:
+      c = _ablation(c, name)
+    else:
+      raise ValueError(
+          f'configs/pretrain.py: unknown variant {name!r}; choose from paper, demo, tiny, '
+          + ', '.join(_ABLATIONS))
+  return c

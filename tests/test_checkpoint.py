@@ -1,0 +1,79 @@
+"""Checkpoints: sharded round trip, the raw reader, and refusing an incompatible config.
+
+No train step is compiled here (only the state's initialiser), so these stay fast.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from codis_jax import checkpoint as ckpt_lib
+from codis_jax import loop
+from codis_jax import sharding
+from codis_jax import state as state_lib
+
+
+def _sharded_state(config, seed=0):
+  mesh = sharding.create_mesh(config)
+  tx = state_lib.make_optimizer(config.optim, config.total_steps)
+  state, shardings = loop._initial_state(config, tx, mesh, None, 0, jax.random.key(seed))
+  return state, shardings, tx, mesh
+
+
+def _save(config, workdir, state, step=3):
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  extra = {'rng': [1, 2], 'data': [{'epoch': 0, 'position': 24}], 'guard': {},
+           'elapsed_s': 1.0}
+  ckpt.save(step, state, extra, config)
+  ckpt.wait()
+  return ckpt
+
+
+def test_round_trip_into_the_sharded_layout_and_raw(tiny_config, tmp_path):
+  c = tiny_config
+  state, shardings, tx, mesh = _sharded_state(c)
+  state = state.replace(step=state.step + 3, queue_ptr=state.queue_ptr + 8)
+  ckpt = _save(c, tmp_path, state)
+  assert ckpt.latest_step() == 3
+
+  abstract, shardings = loop._state_shardings(c, tx, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  restored = ckpt.restore_state(3, target, c)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
+               jax.device_get(restored))
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(want, got.ndim)
+  assert ckpt.restore_extra(3)['data'][0]['position'] == 24
+
+  # The exporters' reader: a workdir or a step folder, numpy leaves, the config back.
+  for path in (tmp_path, tmp_path / 'checkpoints' / '3'):
+    raw = ckpt_lib.restore_raw(str(path))
+    assert set(raw['state']) == {'step', 'params', 'ema_params', 'opt_state',
+                                 'image_queue', 'text_queue', 'queue_ptr'}
+    assert isinstance(raw['state']['params']['temp'], np.ndarray)
+    assert int(raw['state']['step']) == 3 and int(raw['state']['queue_ptr']) == 8
+    np.testing.assert_array_equal(raw['state']['image_queue'],
+                                  np.asarray(state.image_queue))
+    assert raw['config'].model.vit_width == c.model.vit_width
+    assert raw['extra']['rng'] == [1, 2]
+  with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint found'):
+    ckpt_lib.restore_raw(str(tmp_path / 'nowhere'))
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_shapes(tiny_config, tmp_path):
+  c = tiny_config
+  c.checkpoint.keep = 1
+  state, *_ = _sharded_state(c)
+  _save(c, tmp_path, state).close()
+  wide = c.copy_and_resolve_references()
+  wide.model.vit_width = 48  # every ViT weight changes shape
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    loop.train(wide, str(tmp_path))  # refused before the step is ever compiled
+  msg = str(e.value)
+  assert 'does not fit this config' in msg, msg
+  assert 'params/visual_encoder/' in msg and '(32,)' in msg and '(48,)' in msg, msg
+  assert 'model.vit_width: 32 -> 48' in msg, msg
