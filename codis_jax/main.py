@@ -36,7 +36,7 @@ MODES = {
     'train': None,  # train_mode, below
     'config': None,  # config_mode: write and print the resolved config, then exit
     # Owned elsewhere: they work once those functions exist.
-    'eval': 'codis_jax.evaluate:run',
+    'eval': 'codis_jax.evaluate.run:run',
     'export': 'codis_jax.interop.export:run',
 }
 

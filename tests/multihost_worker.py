@@ -38,7 +38,14 @@ step = sharding.jit_train_step(train.make_train_step(config, tx, 10), config, me
 full = make_batch(config)
 rows = config.batch_size // jax.process_count()
 local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
-state, metrics = step(state, sharding.shard_batch(mesh, local), jax.random.key(3))
+batch, rng = sharding.shard_batch(mesh, local), jax.random.key(3)
+compiled = step.lower(state, batch, rng).compile()
+if nproc > 1:
+  # Compile times differ between processes on a loaded machine, and gloo gives the first
+  # collective only 30 s to find every process: meet at the coordinator's barrier first.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier('codis_compiled', 600_000)
+state, metrics = compiled(state, batch, rng)
 print(json.dumps({k: float(v) for k, v in jax.device_get(metrics).items()}), flush=True)
 if nproc > 1:
   jax.distributed.shutdown()
