@@ -161,25 +161,29 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(
         state.params, state, batch, masked, teacher_out, alpha, (r_drop, r_neg))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    # ALBEF clamps the stored temperature in place; the forward clamps it too.
-    params['temp'] = jnp.clip(params['temp'], mc.temp_min, mc.temp_max)
-    ema = state_lib.ema_update(state.ema_params, state_lib.teacher_subset(params),
-                               config.momentum)
-    image_queue, ptr = queue_lib.enqueue(state.image_queue, state.queue_ptr, teacher_out[0])
-    text_queue, _ = queue_lib.enqueue(state.text_queue, state.queue_ptr, teacher_out[1])
-
     metrics.update(alpha=alpha, grad_norm=_global_norm(grads),
                    mlm_tokens=jnp.sum(masked[2]))
     if lr_schedule is not None:
       metrics['lr'] = lr_schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state, image_queue=image_queue,
-                              text_queue=text_queue, queue_ptr=ptr)
-    return new_state, metrics
+    return apply_update(state, grads, tx, config, teacher_out[0], teacher_out[1]), metrics
 
   return train_step
+
+
+def apply_update(state, grads, tx, config, image_feat_m, text_feat_m):
+  """What every step does after its gradients: AdamW, the temperature clamp, the EMA
+  teacher, the teacher's features [B, E] into the queues; step + 1. -> the new state."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  # ALBEF clamps the stored temperature in place; the forward clamps it too.
+  params['temp'] = jnp.clip(params['temp'], config.model.temp_min, config.model.temp_max)
+  ema = state_lib.ema_update(state.ema_params, state_lib.teacher_subset(params),
+                             config.momentum)
+  image_queue, ptr = queue_lib.enqueue(state.image_queue, state.queue_ptr, image_feat_m)
+  text_queue, _ = queue_lib.enqueue(state.text_queue, state.queue_ptr, text_feat_m)
+  return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                       opt_state=opt_state, image_queue=image_queue, text_queue=text_queue,
+                       queue_ptr=ptr)
 
 
 def interleave(*xs):

@@ -63,7 +63,7 @@ def test_perfect_and_worst_with_several_captions():
 
 
 def test_best_caption_counts_for_tr():
-  img2txt, txt2img = [[0, 1], [2, 3]], np.asarray([0, 0, 1, 1])
+  img2txt = [[0, 1], [2, 3]]
   i2t = np.asarray([[0.1, 0.9, 0.5, 0.4],    # its 2nd caption is first -> rank 0
                     [0.9, 0.8, 0.1, 0.7]])   # its captions come 4th and 3rd -> rank 2
   r = metrics.tr_ranks(i2t, img2txt)

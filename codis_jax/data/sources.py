@@ -9,6 +9,7 @@ Both produce "pairs" (one image, one caption); a record with several captions gi
 pair per caption (except TFDS; see TfdsSource).
 """
 
+import abc
 import json
 import os
 import zlib
@@ -92,7 +93,7 @@ class IndexedSource:
     return self.image_paths[image], self.captions[i], int(self.image_ids[image])
 
 
-class ShardedSource:
+class ShardedSource(abc.ABC):
   """Shard files with known pair counts; `read(path, seed)` -> a Dataset of pairs:
   {'image': encoded bytes, 'caption': bytes, 'image_id': int64, 'name': str}."""
   shards = ()
@@ -102,8 +103,9 @@ class ShardedSource:
   def num_pairs(self):
     return int(sum(self.shard_pairs))
 
+  @abc.abstractmethod
   def read(self, path, seed):
-    raise NotImplementedError
+    """One shard file -> a tf.data.Dataset of pairs (the fields above)."""
 
 
 def _expand(ds, path):

@@ -138,20 +138,13 @@ def make_finetune_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     alpha = train_lib.alpha_at(lc, state.step, steps_per_epoch)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(
         state.params, state, batch, teacher_out, alpha, (r_drop, r_neg))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    params['temp'] = jnp.clip(params['temp'], mc.temp_min, mc.temp_max)
-    ema = state_lib.ema_update(state.ema_params, state_lib.teacher_subset(params),
-                               config.momentum)
-    image_queue, ptr = queue_lib.enqueue(state.image_queue, state.queue_ptr, teacher_out[0])
-    text_queue, _ = queue_lib.enqueue(state.text_queue, state.queue_ptr, teacher_out[1])
+    # The id queue advances with the feature queues (same pointer, before the update).
     idx_queue, _ = queue_lib.enqueue(state.idx_queue[:, None], state.queue_ptr,
                                      batch['image_id'].astype(jnp.int32)[:, None])
     metrics['alpha'] = alpha
     if lr_schedule is not None:
       metrics['lr'] = lr_schedule(state.step)
-    return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                         opt_state=opt_state, image_queue=image_queue, text_queue=text_queue,
-                         idx_queue=idx_queue[:, 0], queue_ptr=ptr), metrics
+    new = train_lib.apply_update(state, grads, tx, config, teacher_out[0], teacher_out[1])
+    return new.replace(idx_queue=idx_queue[:, 0]), metrics
 
   return step

@@ -11,8 +11,6 @@ One module, several methods; the train step calls them with `model.apply(..., me
   codebook()                     -> [K, E] (raw; losses L2-normalise it)
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
