@@ -103,7 +103,7 @@ def make_data(config, state=None):
       process_count=jax.process_count(), state=state)
 
 
-def _data_states(data) -> list:
+def data_states(data) -> list:
   """Every host's iterator position (the checkpoint is written by one host only)."""
   mine = data.get_state()
   if jax.process_count() == 1:
@@ -181,7 +181,10 @@ class _Preemption:
     self.flag, self._old = False, None
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._old = None
     return self
 
   def _handle(self, signum, frame):
@@ -189,7 +192,8 @@ class _Preemption:
     self.flag = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def _state_shardings(config, tx, mesh):
@@ -214,7 +218,7 @@ def _initial_state(config, tx, mesh, ckpt, start, rng_init):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     return ckpt.restore_state(start, target, config), shardings
-  with mesh, sharding.axis_rules(config):
+  with sharding.mesh_context(mesh, config):
     state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx),
                     out_shardings=shardings)(rng_init)
   if config.init.bert or config.init.vit:
@@ -230,15 +234,10 @@ def _host(tree):
                       jax.device_get(tree))
 
 
-def train(config, workdir, evaluate=None) -> Result:
-  """Trains to config.total_steps (or num_epochs) from the newest checkpoint, if any.
-
-  evaluate: optional (state, mesh) -> {name: float}, run every config.eval.every_steps.
-  """
-  primary = jax.process_index() == 0
-  if config.jax_cache_dir and not jax.config.jax_compilation_cache_dir:
-    # Persistent XLA cache: a restarted (preempted) run skips the step's compile.
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.jax_cache_dir))
+def open_run(config, workdir, data_fn):
+  """What a training run (pretraining or fine-tuning) opens with: the mesh, the
+  checkpointer, the step to resume from (0: none) and that checkpoint's extras, the data
+  iterator at its saved position (data_fn(config, state)), the total number of steps."""
   mesh = sharding.create_mesh(config)
   sharding.check_batch(config, mesh)
   c = config.checkpoint
@@ -246,9 +245,23 @@ def train(config, workdir, evaluate=None) -> Result:
                                async_save=c.async_save)
   start = ckpt.latest_step() or 0
   extra = ckpt.restore_extra(start) if start else None
-  data = make_data(config, extra['data'][jax.process_index()] if extra else None)
+  data = data_fn(config, extra['data'][jax.process_index()] if extra else None)
+  total = int(config.total_steps or config.num_epochs * data.steps_per_epoch)
+  return mesh, ckpt, start, extra, data, total
+
+
+def train(config, workdir, evaluate=None) -> Result:
+  """Trains to config.total_steps (or num_epochs) from the newest checkpoint, if any.
+
+  evaluate: optional (state, mesh) -> ({name: float}, [lines to print]), run every
+  config.eval.every_steps.
+  """
+  primary = jax.process_index() == 0
+  if config.jax_cache_dir and not jax.config.jax_compilation_cache_dir:
+    # Persistent XLA cache: a restarted (preempted) run skips the step's compile.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.jax_cache_dir))
+  mesh, ckpt, start, extra, data, total = open_run(config, workdir, make_data)
   spe = data.steps_per_epoch
-  total = int(config.total_steps or config.num_epochs * spe)
   tx = state_lib.make_optimizer(config.optim, total)
   lr_schedule = state_lib.learning_rate_schedule(config.optim, total)
   rng_init, rng = jax.random.split(jax.random.key(config.seed))
@@ -272,13 +285,13 @@ def train(config, workdir, evaluate=None) -> Result:
 
   def save(step):
     g = _host(carry[1])
-    check_guard(g, step)
+    check_guard(g)
     ckpt.save(step, carry[0], {
-        'rng': np.asarray(jax.random.key_data(rng)).tolist(), 'data': _data_states(data),
+        'rng': np.asarray(jax.random.key_data(rng)).tolist(), 'data': data_states(data),
         'guard': {k: int(v) for k, v in g.items()},
         'elapsed_s': elapsed0 + time.time() - t_start}, config)
 
-  def check_guard(g, step):
+  def check_guard(g):
     if g['bad_step'] >= 0 and not config.skip_nonfinite:
       terms = ', '.join(bad_terms(step_fn.names, g['bad_terms']))
       raise NonFiniteError(
@@ -290,7 +303,7 @@ def train(config, workdir, evaluate=None) -> Result:
   try:
     with _Preemption() as preempt:
       compiled, flops, mfu_peak = None, 0.0, None
-      t_last, step_last = time.time(), start
+      t_last, step_last, skipped = time.time(), start, int(guard['skipped'])
       for step in range(start + 1, total + 1):
         batch = next(data)
         if step == config.debug.nan_step:
@@ -307,7 +320,7 @@ def train(config, workdir, evaluate=None) -> Result:
         last = step == total
         if step % config.log.every_steps == 0 or last:
           m, g = _host((metrics, carry[1]))
-          check_guard(g, step)
+          check_guard(g)
           now = time.time()
           step_s = (now - t_last) / max(step - step_last, 1)
           t_last, step_last = now, step
@@ -321,21 +334,24 @@ def train(config, workdir, evaluate=None) -> Result:
             print(metrics_log.progress_line(step, total, step / spe, m, m['pairs_per_s'],
                                             (total - step) * step_s, m.get('mfu')),
                   flush=True)
-          if g['skipped']:
+          if g['skipped'] > skipped:
+            skipped = g['skipped']
             log.warning('%d non-finite updates skipped so far (last: step %d: %s)',
                         g['skipped'], g['bad_step'], bad_terms(step_fn.names, g['bad_terms']))
-        stop = preempt.flag or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+        # Several hosts must stop at the same step: JAX's preemption sync point decides.
+        stop = (ckpt.reached_preemption(step) if jax.process_count() > 1
+                else preempt.flag)
         if stop or last or step % config.checkpoint.every_steps == 0:
           save(step)
         if stop:
           log.warning('preempted: checkpoint written at step %d, exiting', step)
           return Result(carry[0], step, _host(metrics), mesh, preempted=True)
         if evaluate and config.eval.every_steps and step % config.eval.every_steps == 0:
-          scalars = evaluate(carry[0], mesh)
+          scalars, lines = evaluate(carry[0], mesh)
           writer.write(step, scalars)
           if primary:
-            print(f'eval step {step}: ' + ' '.join(
-                f'{k.split("/")[-1]} {v:.1f}' for k, v in scalars.items()), flush=True)
+            for line in lines:
+              print(f'step {step}: {line}', flush=True)
         if step == config.debug.kill_step:
           ckpt.wait()
           os.kill(os.getpid(), signal.SIGKILL)

@@ -4,13 +4,14 @@
       [--mode=train] [--config.a.b=value ...]
 
 Writes DIR/config.json and DIR/config.txt, then runs the mode. `train` trains (resuming
-from DIR/checkpoints when there is one), then prints zero-shot ITC retrieval recall on
-the data config's held-out retrieval set and plots DIR/loss_curve.png. A bad flag, an
+from DIR/checkpoints when there is one), then prints zero-shot retrieval recall (ITC, and
+ITM re-ranked) on the held-out retrieval set (config.eval.data, else the data config's)
+and plots DIR/loss_curve.png. A bad flag, an
 unusable config or checkpoint, or a non-finite loss ends the program with one line on
 stderr and a non-zero exit; SIGTERM saves a checkpoint and exits 0.
 
 Modes are a dispatch table, MODES: name -> 'module:function', the function called as
-fn(config, workdir) -> exit code or None. Other modes (eval, export) plug in there.
+fn(config, workdir) -> exit code or None.
 """
 
 import difflib
@@ -35,7 +36,6 @@ flags.DEFINE_string('mode', 'train', 'What to do; one of the MODES table.')
 MODES = {
     'train': None,  # train_mode, below
     'config': None,  # config_mode: write and print the resolved config, then exit
-    # Owned elsewhere: they work once those functions exist.
     'eval': 'codis_jax.evaluate.run:run',
     'export': 'codis_jax.interop.export:run',
 }
@@ -95,17 +95,22 @@ def write_config(config, workdir):
 def train_mode(config, workdir):
   """Train (or resume), then the end-of-run zero-shot retrieval and the loss plot."""
   import jax  # pylint: disable=import-outside-toplevel
-  from codis_jax import itc_eval, loop, metrics_log  # pylint: disable=import-outside-toplevel
+  from codis_jax import loop, metrics_log, pretrain_eval  # pylint: disable=import-outside-toplevel
 
+  has_set = pretrain_eval.has_retrieval_set(config)
   evaluate = None
-  if config.eval.every_steps:
-    evaluate = lambda state, mesh: itc_eval.evaluate(config, state, mesh)[0]
+  if config.eval.every_steps and has_set:
+    evaluate = lambda state, mesh: pretrain_eval.evaluate(config, state, mesh)
+  elif config.eval.every_steps:
+    logging.warning('config.eval.every_steps=%d but no retrieval set (config.eval.data, or '
+                    "the data config's `retrieval`): no periodic evaluation",
+                    config.eval.every_steps)
   result = loop.train(config, workdir, evaluate=evaluate)
   if result.preempted:
     return 0
   primary = jax.process_index() == 0
-  if config.data.name != 'synthetic':
-    scalars, lines = itc_eval.evaluate(config, result.state, result.mesh, both=True)
+  if has_set:
+    scalars, lines = pretrain_eval.evaluate(config, result.state, result.mesh, both=True)
     if primary:
       metrics_log.MetricsWriter(workdir, tensorboard=False,
                                 resume_step=result.step).write(result.step, scalars)
@@ -153,7 +158,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from codis_jax import checkpoint, loop, sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed()
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and FLAGS.mode != 'export':  # export reads a run's workdir
     write_config(config, workdir)
   try:
     return run(config, workdir) or 0

@@ -154,3 +154,21 @@ def test_nonfinite_update_is_skipped_when_asked(runs):
   rows, ref_rows = _rows(base / 'skip'), _rows(base / 'ref')
   assert rows[4] == ref_rows[4]  # the same run until the bad step
   assert rows[12]['skipped'] == 1 and rows[12]['loss'] != ref_rows[12]['loss']
+
+
+def test_export_mode_writes_the_runs_newest_checkpoint(runs):
+  base, procs = runs
+  assert procs['ref'][0] == 0, procs['ref'][1]
+  workdir = base / 'ref'
+  config_before = (workdir / 'config.json').read_text(encoding='utf-8')
+  rc, out = _finish(_main(workdir, '--mode=export', '--config.seed=99'))
+  assert rc == 0, out
+  assert (workdir / 'config.json').read_text(encoding='utf-8') == config_before  # untouched
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  sd = load_file(str(workdir / 'export' / 'albef.safetensors'))
+  raw = ckpt_lib.restore_raw(workdir)
+  # ALBEF's Linear weights are [out, in]: the transpose of the Flax kernel.
+  want = raw['state']['params']['vision_proj']['kernel'].T
+  np.testing.assert_array_equal(sd['vision_proj.weight'], want)
+  for d in ('hf_vit', 'hf_bert'):
+    assert (workdir / 'export' / d / 'model.safetensors').exists(), out

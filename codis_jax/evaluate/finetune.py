@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from codis_jax import checkpoint as ckpt_lib
+from codis_jax import loop
 from codis_jax import metrics_log
 from codis_jax import sharding
 from codis_jax import state as state_lib
@@ -83,21 +83,14 @@ def finetune(config, workdir) -> dict:
   """Runs the fine-tuning; -> {'step': last step, 'eval': {step: metrics}}."""
   primary = jax.process_index() == 0
   config, params, ema = _pretrained(config)
-  mesh = sharding.create_mesh(config)
-  sharding.check_batch(config, mesh)
-  c = config.checkpoint
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=c.keep,
-                               async_save=c.async_save)
-  start = ckpt.latest_step() or 0
-  extra = ckpt.restore_extra(start) if start else None
-  data = data_sets.train_pipeline(config, extra['data'][jax.process_index()] if extra else None)
+  mesh, ckpt, start, extra, data, total = loop.open_run(
+      config, workdir, lambda c, s: data_sets.train_pipeline(c, s))
   spe = data.steps_per_epoch
-  total = int(config.total_steps or config.num_epochs * spe)
   tx = state_lib.make_optimizer(config.optim, total)
   lr = state_lib.learning_rate_schedule(config.optim, total)
   abstract, shardings = state_shardings(config, tx, mesh)
   rng_init, rng = jax.random.split(jax.random.key(config.seed))
-  with mesh, sharding.axis_rules(config):
+  with sharding.mesh_context(mesh, config):
     if start:
       log.info('resuming from %s/%d', ckpt.directory, start)
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -123,7 +116,7 @@ def finetune(config, workdir) -> dict:
     for step in range(start + 1, total + 1):
       batch = next(data)
       batch = sharding.shard_batch(mesh, {k: batch[k] for k in _BATCH_KEYS})
-      with mesh, sharding.axis_rules(config):
+      with sharding.mesh_context(mesh, config):
         state, m = step_fn(state, batch, rng)
       last = step == total
       if step % config.log.every_steps == 0 or last:
@@ -136,8 +129,8 @@ def finetune(config, workdir) -> dict:
           print(f'step {step}/{total} | ep {step / spe:.2f} | loss {m["loss"]:.4f} '
                 f'(ita {m["loss_ita"]:.4f} itm {m["loss_itm"]:.4f}) | itm_acc '
                 f'{m["itm_acc"]:.3f} | lr {m["lr"]:.2e}', flush=True)
-      if last or step % c.every_steps == 0:
-        ckpt.save(step, state, {'data': _data_states(data)}, config)
+      if last or step % config.checkpoint.every_steps == 0:
+        ckpt.save(step, state, {'data': loop.data_states(data)}, config)
       every = config.eval.every_steps
       if last or (every and step % every == 0):
         results[step] = _evaluate(config, state, mesh, sets, step, writer)
@@ -149,13 +142,6 @@ def finetune(config, workdir) -> dict:
     with open(os.path.join(workdir, 'eval_results.json'), 'w', encoding='utf-8') as f:
       json.dump({str(k): v for k, v in results.items()}, f, indent=1)
   return {'step': step, 'eval': results, 'state': state, 'mesh': mesh, 'config': config}
-
-
-def _data_states(data):
-  if jax.process_count() == 1:
-    return [data.get_state()]
-  from codis_jax import loop  # pylint: disable=import-outside-toplevel
-  return loop._data_states(data)  # pylint: disable=protected-access
 
 
 def main(argv):

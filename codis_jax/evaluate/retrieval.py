@@ -135,7 +135,9 @@ class Runner:
     self._rescore = jax.jit(rescore, static_argnums=6, out_shardings=self.replicated)
 
   def _call(self, fn, *args):
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    if not self.rules:  # no rules: only the explicit batch split (an unmapped logical
+      return fn(*args)  # constraint under a set mesh would mean "replicate")
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return fn(*args)
 
   def check_batch(self, n, what):
@@ -200,8 +202,7 @@ def itc_features(runner, params, rset, batch_size):
     tokens.append(t)
     text_feats.append(f)
   image_feats = [runner.image_feats(params, b['image']) for b in rset.image_batches(batch_size)]
-  with runner.mesh:
-    bank = jax.device_put(jnp.concatenate(tokens), runner.replicated)
+  bank = jax.device_put(jnp.concatenate(tokens), runner.replicated)
   return (np.concatenate(image_feats)[:rset.num_images],
           np.concatenate(text_feats)[:n_txt], bank, put(mask, runner.replicated))
 

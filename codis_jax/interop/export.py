@@ -2,6 +2,8 @@
 
   python -m codis_jax.interop.export --checkpoint=WORKDIR_OR_STEP_DIR --out=DIR \
       [--formats=albef,hf]
+  python -m codis_jax.main --mode=export --config=configs/pretrain.py --workdir=WORKDIR
+      (the newest checkpoint of a training workdir into WORKDIR/export/, both formats)
 
 Writes under DIR:
   albef.safetensors   ALBEF's pretraining state dict (+ `codebook`), safetensors
@@ -65,6 +67,17 @@ def export_checkpoint(checkpoint: str, out_dir: str, formats=FORMATS) -> list:
   # Imported here: the checkpoint module pulls in Orbax, which the pure mapping never needs.
   from codis_jax.checkpoint import restore_raw  # pylint: disable=g-import-not-at-top
   return export_state(restore_raw(checkpoint), out_dir, formats)
+
+
+def run(config, workdir):
+  """codis_jax.main's `--mode=export`: WORKDIR's newest checkpoint -> WORKDIR/export/.
+
+  The architecture comes from the checkpoint's own config; `config` is not used.
+  """
+  del config
+  for path in export_checkpoint(workdir, os.path.join(workdir, 'export')):
+    print(path, flush=True)
+  return 0
 
 
 def main(argv):
