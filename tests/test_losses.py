@@ -156,8 +156,7 @@ def test_ica_loss_bad_arguments(feats, kw, msg):
 def test_ica_queue_sharded_over_devices(feats):
   # tests/conftest.py provides 8 fake CPU devices; shard the queue along Q.
   n = len(jax.devices())
-  if n < 2:
-    pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
+  assert n >= 2, "needs several devices: tests/conftest.py sets 8 CPU devices"
   rng = np.random.default_rng(10)
   queue = unit(rng, 4 * n, E)
   mesh = Mesh(np.array(jax.devices()), ("d",))

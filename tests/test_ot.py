@@ -193,8 +193,7 @@ def test_bad_arguments():
 def test_rows_sharded_over_devices():
   # tests/conftest.py provides 8 fake CPU devices; shard the cost's rows over them.
   n = len(jax.devices())
-  if n < 2:
-    pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
+  assert n >= 2, "needs several devices: tests/conftest.py sets 8 CPU devices"
   d = cosine_cost(13, 4 * n, 24)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   sharded = jax.device_put(jnp.asarray(d, jnp.float32), NamedSharding(mesh, P("data")))

@@ -84,7 +84,7 @@ def finetune(config, workdir) -> dict:
   primary = jax.process_index() == 0
   config, params, ema = _pretrained(config)
   mesh, ckpt, start, extra, data, total = loop.open_run(
-      config, workdir, lambda c, s: data_sets.train_pipeline(c, s))
+      config, workdir, data_sets.train_pipeline)
   spe = data.steps_per_epoch
   tx = state_lib.make_optimizer(config.optim, total)
   lr = state_lib.learning_rate_schedule(config.optim, total)
