@@ -3,11 +3,17 @@
   python -m codis_jax.bench                          # tiny + paper configs, small batch, CPU
   python -m codis_jax.bench --configs=paper --batch=64 --steps=20   # on an accelerator
 
-FLOPs come from XLA's `cost_analysis()` of the compiled step (forward + backward + update,
-teacher included). MFU = achieved FLOP/s / the device's dense bf16 peak (table below);
-on CPU no peak is known and MFU is not printed.
+Model FLOPs are counted from the step's jaxpr (`codis_jax.flops`: every matmul and
+convolution of forward + backward + update, teacher included) with remat off, so MFU counts
+no rematerialised recompute and loses no FLOPs to library calls. MFU = model FLOP/s / the
+device's dense bf16 peak (table below); on CPU no peak is known and MFU is not printed.
+XLA's own `cost_analysis()` of the compiled step is printed beside it: on CPU it agrees
+within a few percent (it adds elementwise FLOPs); on GPU it omits cuBLAS/cuDNN calls.
 """
 
+import copy
+import json
+import sys
 import time
 
 from absl import app
@@ -15,6 +21,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from codis_jax import flops as flops_lib
 from codis_jax import ot
 from codis_jax import state as state_lib
 from codis_jax import train
@@ -26,6 +33,8 @@ flags.DEFINE_integer('batch', 4, 'Global batch size (0 = the config value).')
 flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
 flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
 flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
+flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn).')
+flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')
 flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline (pairs/s '
                   'at the configs\' image sizes) to set beside the step.')
 
@@ -49,6 +58,19 @@ def _flops(compiled) -> float:
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0]
   return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def _log(msg):
+  print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def model_flops(config, tx, state, batch, rng) -> int:
+  """FLOPs of one step as the model defines it: remat off, attention as plain matmuls."""
+  config = copy.deepcopy(config)
+  config.model.remat = 'none'
+  config.model.attention_impl = 'xla'
+  return flops_lib.count(train.make_train_step(config, tx, steps_per_epoch=1000),
+                         state, batch, rng)
 
 
 def _time(fn, steps):
@@ -83,9 +105,12 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
     config.model.dtype = FLAGS.dtype
   if FLAGS.remat:
     config.model.remat = FLAGS.remat
+  if FLAGS.attention:
+    config.model.attention_impl = FLAGS.attention
   b = config.batch_size
   tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
   state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+  _log(f'{name}: train state initialised')
   step = jax.jit(train.make_train_step(config, tx, steps_per_epoch=1000), donate_argnums=0)
   batch_arrays = jax.device_put(synthetic_batch(config, b))
   rng = jax.random.key(1)
@@ -93,16 +118,23 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, batch_arrays, rng).compile()
   compile_s = time.perf_counter() - t0
-  flops = _flops(compiled)
+  _log(f'{name}: step compiled in {compile_s:.1f} s')
+  hw_flops = _flops(compiled)
+  flops = model_flops(config, tx, state, batch_arrays, rng)
+  _log(f'{name}: model FLOPs counted')
   mem = compiled.memory_analysis()
 
   holder = {'state': state}
+  first = {}
 
   def run():
     holder['state'], metrics = compiled(holder['state'], batch_arrays, rng)
+    first.setdefault('metrics', metrics)
     return metrics['loss']
 
   step_s = _time(run, steps)
+  _log(f'{name}: {steps} steps timed, {1000 * step_s:.1f} ms/step')
+  first_loss = float(first['metrics']['loss'])
 
   # IPOT alone at the step's shapes (both modalities), to report its share of the step.
   lc = config.loss
@@ -117,8 +149,10 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
   peak = device_peak_flops(device)
   result = dict(
       config=name, device=device.device_kind, batch=b, dtype=config.model.dtype,
-      remat=config.model.remat, compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
-      gflops_per_pair=flops / b / 1e9, ipot_share=ipot_s / step_s,
+      remat=config.model.remat, attention=config.model.attention_impl or 'default',
+      compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
+      gflops_per_pair=flops / b / 1e9, compiled_gflops_per_pair=hw_flops / b / 1e9,
+      ipot_share=ipot_s / step_s, first_loss=first_loss,
       temp_gib=mem.temp_size_in_bytes / 2**30 if mem else float('nan'),
       args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))
   if peak:
@@ -131,21 +165,28 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
 
 def format_row(r: dict) -> str:
   mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else 'n/a'
-  return (f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | "
-          f"{r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | {r['pairs_per_s']:.1f} | "
-          f"{r['gflops_per_pair']:.4g} | {mfu} | {100 * r['ipot_share']:.2f}% | "
-          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} |")
+  peak = f"{r['peak_gib']:.2f}" if 'peak_gib' in r else 'n/a'
+  return (f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | {r['remat']} | "
+          f"{r['attention']} | {r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | "
+          f"{r['pairs_per_s']:.1f} | {r['gflops_per_pair']:.4g} | "
+          f"{r['compiled_gflops_per_pair']:.4g} | {mfu} | {100 * r['ipot_share']:.2f}% | "
+          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {peak} | {r['first_loss']:.5g} |")
 
 
-HEADER = ('| config | device | batch | dtype | compile s | step ms | pairs/s | GFLOPs/pair '
-          '| MFU | IPOT share | args GiB | temp GiB |\n' + '|---' * 12 + '|')
+HEADER = ('| config | device | batch | dtype | remat | attention | compile s | step ms | pairs/s '
+          '| model GFLOPs/pair | compiled GFLOPs/pair | MFU | IPOT share | args GiB | temp GiB '
+          '| peak GiB | loss, step 1 |\n' + '|---' * 17 + '|')
 
 
 def main(argv):
   del argv
   print(HEADER)
   for name in FLAGS.configs:
-    print(format_row(bench_config(name, FLAGS.batch, FLAGS.steps)), flush=True)
+    result = bench_config(name, FLAGS.batch, FLAGS.steps)
+    print(format_row(result), flush=True)
+    if FLAGS.json:
+      with open(FLAGS.json, 'a') as f:
+        f.write(json.dumps(result) + '\n')
   if FLAGS.pipeline:
     from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel
     for size in sorted({pretrain.get_config(n).model.image_size for n in FLAGS.configs}):

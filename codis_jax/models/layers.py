@@ -108,6 +108,9 @@ class Attention(nn.Module):
     v = proj(name='value')(kv_in)
     q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
                for t in (q, k, v))
+    if mask is not None and self.implementation == 'cudnn':
+      # cuDNN takes the mask as a bias and needs its query and key dims spelled out.
+      mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, implementation=self.implementation or None)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
