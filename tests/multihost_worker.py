@@ -9,9 +9,11 @@ import os
 import sys
 
 pid, nproc, port, ndev = (int(a) for a in sys.argv[1:5])
+# The test flags of conftest.py (which this process does not import before JAX).
 os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={ndev} '
                            '--xla_backend_optimization_level=0 '
-                           '--xla_llvm_disable_expensive_passes=true')
+                           '--xla_llvm_disable_expensive_passes=true '
+                           '--xla_cpu_enable_concurrency_optimized_scheduler=false')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
