@@ -28,15 +28,21 @@ from codis_jax import train
 from configs import pretrain
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('configs', ['tiny', 'paper'], 'pretrain.py variants to run.')
-flags.DEFINE_integer('batch', 4, 'Global batch size (0 = the config value).')
-flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
-flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
-flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
-flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn).')
-flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')
-flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline (pairs/s '
-                  'at the configs\' image sizes) to set beside the step.')
+
+
+def _define_flags():
+  """Defined when run as a program only, so that importing this module (tests) adds no
+  absl flags that could clash with another tool's (scaling_report has --dtype too)."""
+  flags.DEFINE_list('configs', ['tiny', 'paper'], 'pretrain.py variants to run.')
+  flags.DEFINE_integer('batch', 4, 'Global batch size (0 = the config value).')
+  flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
+  flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
+  flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
+  flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn).')
+  flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')
+  flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline '
+                    "(pairs/s at the configs' image sizes) to set beside the step.")
+
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -93,7 +99,9 @@ def synthetic_batch(config, b):
           'image_id': np.arange(b, dtype=np.int32)}
 
 
-def bench_config(name: str, batch: int, steps: int) -> dict:
+def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str = '',
+                 attention: str = '') -> dict:
+  """Times `steps` steps of pretrain.py's `name` variant; '' keeps the config's value."""
   config = pretrain.get_config(name)
   if batch:
     config.batch_size = batch
@@ -101,12 +109,12 @@ def bench_config(name: str, batch: int, steps: int) -> dict:
     config.queue_size -= config.queue_size % batch
     if config.loss.itm_group_size and batch % config.loss.itm_group_size:
       config.loss.itm_group_size = 0  # a small benchmark batch is one ITM group
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  if FLAGS.remat:
-    config.model.remat = FLAGS.remat
-  if FLAGS.attention:
-    config.model.attention_impl = FLAGS.attention
+  if dtype:
+    config.model.dtype = dtype
+  if remat:
+    config.model.remat = remat
+  if attention:
+    config.model.attention_impl = attention
   b = config.batch_size
   tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
   state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
@@ -182,7 +190,8 @@ def main(argv):
   del argv
   print(HEADER)
   for name in FLAGS.configs:
-    result = bench_config(name, FLAGS.batch, FLAGS.steps)
+    result = bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat,
+                          FLAGS.attention)
     print(format_row(result), flush=True)
     if FLAGS.json:
       with open(FLAGS.json, 'a') as f:
@@ -197,4 +206,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

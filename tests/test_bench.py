@@ -1,15 +1,10 @@
 """The step benchmark runs, and its model FLOPs agree with XLA's own CPU count."""
 
-from absl import flags
-from absl.testing import flagsaver
-
 from codis_jax import bench
 
 
 def test_bench_tiny_model_flops_agree_with_xla_cpu_cost_analysis():
-  with flagsaver.flagsaver():
-    flags.FLAGS(['bench', '--nopipeline', '--remat=dots'])
-    r = bench.bench_config('tiny', batch=8, steps=1)
+  r = bench.bench_config('tiny', batch=8, steps=1, remat='dots')
   assert r['batch'] == 8 and r['remat'] == 'dots' and r['step_s'] > 0
   assert 'mfu' not in r  # no peak is known for a CPU
   # Model FLOPs (matmuls of the jaxpr, remat off) vs XLA's count of the compiled step,
