@@ -59,7 +59,7 @@ def device_peak_flops(device) -> float | None:
   return None
 
 
-def _flops(compiled) -> float:
+def _xla_flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0]
@@ -127,7 +127,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
   compiled = step.lower(state, batch_arrays, rng).compile()
   compile_s = time.perf_counter() - t0
   _log(f'{name}: step compiled in {compile_s:.1f} s')
-  hw_flops = _flops(compiled)
+  xla_flops = _xla_flops(compiled)
   flops = model_flops(config, tx, state, batch_arrays, rng)
   _log(f'{name}: model FLOPs counted')
   mem = compiled.memory_analysis()
@@ -159,7 +159,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
       config=name, device=device.device_kind, batch=b, dtype=config.model.dtype,
       remat=config.model.remat, attention=config.model.attention_impl or 'default',
       compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
-      gflops_per_pair=flops / b / 1e9, compiled_gflops_per_pair=hw_flops / b / 1e9,
+      gflops_per_pair=flops / b / 1e9, compiled_gflops_per_pair=xla_flops / b / 1e9,
       ipot_share=ipot_s / step_s, first_loss=first_loss,
       temp_gib=mem.temp_size_in_bytes / 2**30 if mem else float('nan'),
       args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))

@@ -309,12 +309,12 @@ def train(config, workdir, evaluate=None) -> Result:
         if step == config.debug.nan_step:
           batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
         batch = sharding.shard_batch(mesh, batch)
-        if compiled is None:  # compiled once, ahead of time: also gives the FLOPs
+        if compiled is None:  # compiled once, ahead of time
           t0 = time.time()
           compiled = jitted.lower(carry, batch, rng).compile()
-          flops, mfu_peak = _flops_and_peak(compiled)
-          log.info('step compiled in %.1fs (%.3g GFLOP/step/device)', time.time() - t0,
-                   flops / 1e9)
+          compile_s = time.time() - t0
+          flops, mfu_peak = _flops_and_peak(config, tx, carry[0], batch, rng)
+          log.info('step compiled in %.1fs (%.3g GFLOP/step/device)', compile_s, flops / 1e9)
           t_last = time.time()
         carry, metrics = compiled(carry, batch, rng)
         last = step == total
@@ -364,15 +364,11 @@ def train(config, workdir, evaluate=None) -> Result:
   return Result(carry[0], step, _host(metrics) if metrics else {}, mesh)
 
 
-def _flops_and_peak(compiled):
-  """The step's FLOPs per device (XLA's count) and the device's peak FLOP/s (None on CPU
-  or an unknown chip; then no MFU is reported)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = float((cost or {}).get('flops', 0.0))
-  device = jax.devices()[0]
-  if device.platform == 'cpu' or not flops:
-    return flops, None
+def _flops_and_peak(config, tx, state, batch, rng):
+  """The step's model FLOPs per device (bench.model_flops: the jaxpr's matmuls with remat
+  off; XLA's GPU cost_analysis() omits library GEMMs) and the device's peak FLOP/s (None
+  on CPU or an unknown chip; then no MFU is reported)."""
   from codis_jax import bench  # pylint: disable=import-outside-toplevel
-  return flops, bench.device_peak_flops(device)
+  flops = bench.model_flops(config, tx, state, batch, rng) / jax.device_count()
+  device = jax.devices()[0]
+  return flops, None if device.platform == 'cpu' else bench.device_peak_flops(device)
