@@ -40,6 +40,8 @@ def _define_flags():
   flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
   flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn).')
   flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')
+  flags.DEFINE_string('profile_dir', '', 'After timing, trace 3 steps with jax.profiler '
+                      'into this folder (TensorBoard / Perfetto).')
   flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline '
                     "(pairs/s at the configs' image sizes) to set beside the step.")
 
@@ -79,7 +81,8 @@ def model_flops(config, tx, state, batch, rng) -> int:
                          state, batch, rng)
 
 
-def _time(fn, steps):
+def time_call(fn, steps):
+  """Seconds per call of `fn()` over `steps` calls, after one untimed call."""
   out = fn()
   jax.block_until_ready(out)
   t0 = time.perf_counter()
@@ -99,9 +102,10 @@ def synthetic_batch(config, b):
           'image_id': np.arange(b, dtype=np.int32)}
 
 
-def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str = '',
-                 attention: str = '') -> dict:
-  """Times `steps` steps of pretrain.py's `name` variant; '' keeps the config's value."""
+def make_config(name: str, batch: int, dtype: str = '', remat: str = '',
+                attention: str = ''):
+  """pretrain.py's `name` variant at global batch `batch` (0: the config's); '' keeps the
+  config's dtype / remat / attention."""
   config = pretrain.get_config(name)
   if batch:
     config.batch_size = batch
@@ -115,6 +119,17 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
     config.model.remat = remat
   if attention:
     config.model.attention_impl = attention
+  return config
+
+
+def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str = '',
+                 attention: str = '', profile_dir: str = '') -> dict:
+  """Times `steps` steps of pretrain.py's `name` variant; '' keeps the config's value.
+
+  With `profile_dir`, 3 more steps run under `jax.profiler.trace` after the timing (a
+  TensorBoard / Perfetto trace of every kernel, to see where the step's time goes).
+  """
+  config = make_config(name, batch, dtype, remat, attention)
   b = config.batch_size
   tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
   state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
@@ -140,8 +155,12 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
     first.setdefault('metrics', metrics)
     return metrics['loss']
 
-  step_s = _time(run, steps)
+  step_s = time_call(run, steps)
   _log(f'{name}: {steps} steps timed, {1000 * step_s:.1f} ms/step')
+  if profile_dir:  # after the clean timing: tracing slows the steps it records
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready([run() for _ in range(3)])
+    _log(f'{name}: 3 steps traced into {profile_dir}')
   first_loss = float(first['metrics']['loss'])
 
   # IPOT alone at the step's shapes (both modalities), to report its share of the step.
@@ -151,7 +170,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
     cost = jax.random.uniform(jax.random.key(2), (b, config.model.codebook_size)) * 2
     ipot_fn = jax.jit(lambda c: ot.ipot(c, beta=lc.ipot_beta, num_iters=lc.ipot_iters,
                                         num_inner=lc.ipot_inner))
-    ipot_s = 2 * _time(lambda: ipot_fn(cost), max(steps, 3))
+    ipot_s = 2 * time_call(lambda: ipot_fn(cost), max(steps, 3))
 
   device = jax.devices()[0]
   peak = device_peak_flops(device)
@@ -191,7 +210,7 @@ def main(argv):
   print(HEADER)
   for name in FLAGS.configs:
     result = bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat,
-                          FLAGS.attention)
+                          FLAGS.attention, FLAGS.profile_dir)
     print(format_row(result), flush=True)
     if FLAGS.json:
       with open(FLAGS.json, 'a') as f:

@@ -55,19 +55,7 @@ def _check_config(config):
   if config.batch_size < 2:
     raise ValueError('config.batch_size must be >= 2: ITM needs an in-batch negative')
   queue_lib.check_queue_size(config.queue_size, config.batch_size)
-  _check_attention(config)
   return terms
-
-
-def _check_attention(config):
-  m = config.model
-  image_tokens = 1 + (m.image_size // m.patch_size) ** 2
-  if m.attention_impl == 'cudnn' and (image_tokens % 2 or config.text_len % 2):
-    # JAX's cuDNN flash attention trains (has a backward) only at even lengths.
-    raise ValueError(
-        f'config.model.attention_impl=cudnn trains only at even sequence lengths; this '
-        f'config has {image_tokens} image tokens (image_size/patch_size) and text_len '
-        f'{config.text_len}. Use attention_impl=\'\' (XLA) or change those sizes.')
 
 
 def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):

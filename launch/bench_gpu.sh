@@ -3,18 +3,26 @@
 #
 #   bash launch/bench_gpu.sh [OUT_DIR]
 #
-# Runs the paper config at batch 64 per chip in each mode of $VARIANTS ("dtype,remat,attention"
-# words), one process each (so each variant's peak memory is its own and one failure does
-# not stop the rest), then the GPU-only tests (cuDNN attention vs the softmax reference).
+# 1. The paper config at batch 64 per chip in each mode of $VARIANTS ("dtype,remat,attention"
+#    words), one process each (each variant's peak memory is its own and one failure does
+#    not stop the rest); the first variant also writes a jax.profiler trace of 3 steps.
+# 2. The step's parts timed alone (codis_jax.step_parts) in the first variant's mode.
+# 3. The GPU-only tests (cuDNN attention and its gradients vs references).
+# On one H200 each paper process spent ~60 s initialising the state and ~85 s compiling
+# the step, so the defaults need ~9 minutes: keep a device call's 10-minute limit in mind
+# when adding variants (VARIANTS="bfloat16,dots,cudnn ...", PARTS=0 skips step 2).
 # Results: OUT_DIR/bench.jsonl (one JSON line per variant), OUT_DIR/bench.log (summary),
-# OUT_DIR/<variant>.log (each variant's whole output).
+# OUT_DIR/<variant>.log (each variant's whole output), OUT_DIR/parts.log, OUT_DIR/trace/.
 set -uo pipefail
 out=${1:-bench_out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+# One compile cache for all the processes: step_parts reuses the first variant's step.
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/codis_bench_cache}
 log="$out/bench.log"
-variants=${VARIANTS:-"bfloat16,none,cudnn bfloat16,none,xla bfloat16,dots,cudnn float32,none,xla"}
+config=${CONFIG:-paper} batch=${BATCH:-64}  # e.g. CONFIG=tiny BATCH=8 for a CPU dry run
+variants=${VARIANTS:-"bfloat16,none,xla bfloat16,none,cudnn"}
 
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv
@@ -22,15 +30,27 @@ variants=${VARIANTS:-"bfloat16,none,cudnn bfloat16,none,xla bfloat16,dots,cudnn 
 "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$log"
 
+first=1
 for v in $variants; do
   IFS=, read -r dtype remat attn <<<"$v"
-  echo "== paper batch 64 $dtype remat=$remat attention=$attn" | tee -a "$log"
-  timeout "${VARIANT_TIMEOUT:-200}" $py -m codis_jax.bench --configs=paper --batch=64 \
-    --steps="${STEPS:-20}" --dtype="$dtype" --remat="$remat" --attention="$attn" \
-    --nopipeline --json="$out/bench.jsonl" >"$out/$dtype-$remat-$attn.log" 2>&1
+  profile=""
+  if [ "$first" = 1 ]; then profile="--profile_dir=$out/trace"; fi
+  echo "== $config batch $batch $dtype remat=$remat attention=$attn $profile" | tee -a "$log"
+  timeout "${VARIANT_TIMEOUT:-200}" $py -m codis_jax.bench --configs="$config" \
+    --batch="$batch" --steps="${STEPS:-20}" --dtype="$dtype" --remat="$remat" --attention="$attn" \
+    --nopipeline --json="$out/bench.jsonl" $profile >"$out/$dtype-$remat-$attn.log" 2>&1
   echo "exit $?" >>"$out/$dtype-$remat-$attn.log"
-  grep -E '^\| paper|^\[bench|Error|^exit' "$out/$dtype-$remat-$attn.log" | tee -a "$log"
+  grep -E "^\| $config|^\[bench|Error|^exit" "$out/$dtype-$remat-$attn.log" | tee -a "$log"
+  if [ "$first" = 1 ] && [ "${PARTS:-1}" = 1 ]; then
+    echo "== step parts, $dtype remat=$remat attention=$attn" | tee -a "$log"
+    timeout "${PARTS_TIMEOUT:-240}" $py -m codis_jax.step_parts --config="$config" \
+      --batch="$batch" --steps="${STEPS:-20}" --dtype="$dtype" --remat="$remat" --attention="$attn" \
+      >"$out/parts.log" 2>&1
+    echo "exit $?" >>"$out/parts.log"
+    grep -E "^\\||^$config|Error|^exit" "$out/parts.log" | tee -a "$log"
+  fi
+  first=0
 done
 
-timeout "${TEST_TIMEOUT:-60}" $py -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
+timeout "${TEST_TIMEOUT:-90}" $py -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
   2>&1 | tail -8 | tee -a "$log"

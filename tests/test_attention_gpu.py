@@ -3,8 +3,9 @@
 GPU only: cuDNN has no CPU kernel, so on CPU (CI) these tests are skipped and the XLA
 path is covered by test_performance_modes.py. Run on a GPU with
 `python -m pytest tests/test_attention_gpu.py`. Shapes are the paper model's: ViT-B/16 at
-256 px (257 tokens), BERT text of 30 tokens with right padding, cross-attention of text
-over image tokens; 12 heads of 64.
+256 px (257 tokens), BERT text of 25 or 30 tokens with right padding, cross-attention of
+text over image tokens; 12 heads of 64. The odd lengths go through the padding of
+`layers.even_length_attention`, whose exactness CPU tests check with the XLA kernel.
 """
 
 import flax.linen as nn
@@ -47,3 +48,31 @@ def test_bf16_attention_equals_reference(case, impl):
   rel = np.linalg.norm(got - want) / np.linalg.norm(want)
   assert np.isfinite(got).all()
   assert rel < 2e-2, f'{case}/{impl}: relative error {rel:.3g} (bf16 operands: ~1e-2)'
+
+
+GRAD_CASES = {  # the paper's training shapes, odd lengths included
+    'vit_self_257': (4, 257, 257, None),
+    'text_self_25_padded': (4, 25, 25, [25, 17, 5, 1]),
+    'fusion_cross_25x257': (4, 25, 257, None),
+}
+
+
+@pytest.mark.parametrize('case', sorted(GRAD_CASES))
+def test_bf16_cudnn_gradients_equal_xla(case):
+  b, t, s, lengths = GRAD_CASES[case]
+  heads, d = 12, 64
+  rs = np.random.RandomState(len(case))
+  q, k, v = (jnp.asarray(rs.randn(b, n, heads, d) * 2, jnp.bfloat16) for n in (t, s, s))
+  cot = jnp.asarray(rs.randn(b, t, heads, d), jnp.float32)
+  mask = None if lengths is None else layers.padding_mask(
+      jnp.asarray(np.arange(s)[None] < np.array(lengths)[:, None]))
+
+  def grads(impl):
+    loss = lambda *a: jnp.sum(layers.attention(*a, mask, impl).astype(jnp.float32) * cot)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for name, got, want in zip('qkv', grads('cudnn'), grads('xla')):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert np.isfinite(got).all()
+    assert rel < 3e-2, f'{case} d{name}: relative error {rel:.3g} vs XLA (bf16: ~1e-2)'

@@ -135,10 +135,3 @@ def test_bad_attention_impl_is_a_clear_error(tiny_config):
   tiny_config.model.attention_impl = 'flash'
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     _setup(tiny_config)
-
-
-def test_cudnn_at_odd_lengths_is_a_clear_error(tiny_config):
-  c = tiny_config
-  c.model.attention_impl, c.text_len = 'cudnn', 25  # the paper's (odd) text length
-  with pytest.raises(ValueError, match='17 image tokens .* text_len 25'):
-    train.make_train_step(c, state_lib.make_optimizer(c.optim, 10), steps_per_epoch=10)

@@ -84,6 +84,43 @@ def padding_mask(text_mask):
   return (text_mask > 0)[:, None, None, :]
 
 
+def attention(q, k, v, mask, implementation):
+  """softmax(q k^T / sqrt(D), masked) v through `jax.nn.dot_product_attention`.
+
+  q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None.
+  Returns [B, T, H, D]. cuDNN goes through `even_length_attention`.
+  """
+  if implementation == 'cudnn':
+    return even_length_attention(q, k, v, mask, implementation)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def even_length_attention(q, k, v, mask, implementation):
+  """`attention` with T and S padded to even lengths; same shapes and values.
+
+  JAX's cuDNN kernel has no backward at odd lengths, and the paper's 257 image tokens and
+  25 text tokens are odd. The padded keys are masked out and the padded query row is
+  dropped, so the result is exact. Without a mask the padding goes in as sequence lengths,
+  which cuDNN applies without materialising a [B, 1, T, S] bias (nor its gradient).
+  """
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  pad_len = lambda x, n: jnp.pad(x, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+  q, k, v = pad_len(q, t), pad_len(k, s), pad_len(v, s)
+  if mask is None:
+    lengths = lambda n: jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths(t),
+                                       key_value_seq_lengths=lengths(s),
+                                       implementation=implementation)
+  else:
+    # cuDNN takes the mask as a bias and needs every dim spelled out. The padded query row
+    # sees every key (a fully masked row would be degenerate); the padded key is masked.
+    mask = jnp.broadcast_to(mask, (b, 1, t, s))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, s % 2)), constant_values=False)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t % 2), (0, 0)), constant_values=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  return out[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head attention (self when `kv` is `q`, cross otherwise).
 
@@ -108,11 +145,7 @@ class Attention(nn.Module):
     v = proj(name='value')(kv_in)
     q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
                for t in (q, k, v))
-    if mask is not None and self.implementation == 'cudnn':
-      # cuDNN takes the mask as a bias and needs its query and key dims spelled out.
-      mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, implementation=self.implementation or None)
+    out = attention(q, k, v, mask, self.implementation or None)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
                 name='out', axis=(-2, -1))(out)
     return constrain(out, ('act_batch', 'act_len', 'act_embed'))
