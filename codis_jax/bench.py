@@ -123,11 +123,12 @@ def make_config(name: str, batch: int, dtype: str = '', remat: str = '',
 
 
 def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str = '',
-                 attention: str = '', profile_dir: str = '') -> dict:
+                 attention: str = '', profile_dir: str = '', report=None) -> dict:
   """Times `steps` steps of pretrain.py's `name` variant; '' keeps the config's value.
 
-  With `profile_dir`, 3 more steps run under `jax.profiler.trace` after the timing (a
-  TensorBoard / Perfetto trace of every kernel, to see where the step's time goes).
+  With `profile_dir`, 3 more steps then run under `jax.profiler.trace` (a TensorBoard /
+  Perfetto trace of every kernel). `report(result)` is called before that trace, so a
+  trace cut short by a time limit loses no result.
   """
   config = make_config(name, batch, dtype, remat, attention)
   b = config.batch_size
@@ -157,10 +158,6 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
 
   step_s = time_call(run, steps)
   _log(f'{name}: {steps} steps timed, {1000 * step_s:.1f} ms/step')
-  if profile_dir:  # after the clean timing: tracing slows the steps it records
-    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-      jax.block_until_ready([run() for _ in range(3)])
-    _log(f'{name}: 3 steps traced into {profile_dir}')
   first_loss = float(first['metrics']['loss'])
 
   # IPOT alone at the step's shapes (both modalities), to report its share of the step.
@@ -187,6 +184,12 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
   stats = getattr(device, 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     result['peak_gib'] = stats['peak_bytes_in_use'] / 2**30
+  if report:
+    report(result)
+  if profile_dir:  # last: tracing slows the steps it records
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready([run() for _ in range(3)])
+    _log(f'{name}: 3 steps traced into {profile_dir}')
   return result
 
 
@@ -205,16 +208,19 @@ HEADER = ('| config | device | batch | dtype | remat | attention | compile s | s
           '| peak GiB | loss, step 1 |\n' + '|---' * 17 + '|')
 
 
+def _report(result):
+  print(format_row(result), flush=True)
+  if FLAGS.json:
+    with open(FLAGS.json, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+
+
 def main(argv):
   del argv
   print(HEADER)
   for name in FLAGS.configs:
-    result = bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat,
-                          FLAGS.attention, FLAGS.profile_dir)
-    print(format_row(result), flush=True)
-    if FLAGS.json:
-      with open(FLAGS.json, 'a') as f:
-        f.write(json.dumps(result) + '\n')
+    bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat, FLAGS.attention,
+                 FLAGS.profile_dir, report=_report)
   if FLAGS.pipeline:
     from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel
     for size in sorted({pretrain.get_config(n).model.image_size for n in FLAGS.configs}):
