@@ -123,3 +123,27 @@ def test_even_length_attention_is_exact(t, s, masked):
   for got_g, want_g in zip(padded, plain):
     assert np.isfinite(np.asarray(got_g)).all()
     np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), atol=1e-5, rtol=1e-4)
+
+
+def test_cudnn_attention_module_hands_the_kernel_even_lengths(monkeypatch):
+  # cuDNN has no CPU kernel: record what the module passes it, run that through XLA, and
+  # check the module's output against the float64 reference.
+  seen = []
+  plain = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kw):
+    seen.append((q.shape[1], k.shape[1], kw['implementation'], kw.get('mask') is None))
+    return plain(q, k, v, **{**kw, 'implementation': 'xla'})
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', recording)
+  rs = np.random.RandomState(1)
+  b, t, s, d, heads = 2, 5, 9, 16, 4
+  x_q = rs.randn(b, t, d).astype(np.float32)
+  x_kv = rs.randn(b, s, d).astype(np.float32)
+  attn = layers.Attention(heads, implementation='cudnn')
+  params = nn.meta.unbox(attn.init(jax.random.key(0), x_q, x_kv)['params'])
+  seen.clear()
+  got = attn.apply({'params': params}, x_q, x_kv)
+  assert seen == [(6, 10, 'cudnn', True)]  # padded to even, lengths instead of a bias
+  want = _reference_attention(x_q, x_kv, None, jax.tree.map(np.asarray, params), heads)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
