@@ -32,7 +32,6 @@ import numpy as np
 
 from codis_jax import bench
 from codis_jax import flops as flops_lib
-from codis_jax import ot
 from codis_jax import state as state_lib
 from codis_jax import train
 from codis_jax.models import codis
@@ -87,8 +86,6 @@ def make_parts(config, tx, state, batch):
     fused = run(teacher, p, codis.CODIS.fuse, text1, x['mask1'], image1)
     return run(teacher, p, codis.CODIS.mlm_logits, fused)
 
-  lc = config.loss
-  cost = jax.random.uniform(jax.random.key(2), (b, config.model.codebook_size)) * 2
   feats = jax.random.normal(jax.random.key(3), (b, config.model.embed_dim))
   grads = jax.tree.map(jnp.zeros_like, state.params)
   tparams = state_lib.teacher_params(state)
@@ -106,28 +103,30 @@ def make_parts(config, tx, state, batch):
       'update': (lambda s, g: train.apply_update(s, g, tx, config, feats, feats),
                  (state, grads)),
   }
-  if lc.use_codebook:
-    parts['ipot'] = (lambda c: [ot.ipot(c, beta=lc.ipot_beta, num_iters=lc.ipot_iters,
-                                        num_inner=lc.ipot_inner) for _ in range(2)], (cost,))
+  if config.loss.use_codebook:
+    plans, cost = bench.ipot_call(config)
+    parts['ipot'] = (plans, (cost,))
   return parts
 
 
 def measure(config, steps: int) -> list[dict]:
   """Rows {part, ms, gflops, tflops_per_s, share[, mfu]}, the whole step first."""
-  tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
-  state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+  tx, state = bench.init_state(config)
   batch = bench.synthetic_batch(config, config.batch_size)
   rng = jax.random.key(1)
   step = train.make_train_step(config, tx, steps_per_epoch=1000)
   parts = {'step': (step, (state, jax.device_put(batch), rng)),
            **make_parts(config, tx, state, batch)}
+  # FLOPs as the bench counts them: remat off, attention as matmuls (bench.flops_config).
+  fc = bench.flops_config(config)
+  counted = {'step': train.make_train_step(fc, tx, steps_per_epoch=1000),
+             **{k: fn for k, (fn, _) in make_parts(fc, tx, state, batch).items()}}
   peak = bench.device_peak_flops(jax.devices()[0])
   rows = []
   for name, (fn, args) in parts.items():
     compiled = jax.jit(fn).lower(*args).compile()
     seconds = bench.time_call(lambda: compiled(*args), steps)
-    flops = (bench.model_flops(config, tx, *args) if name == 'step'
-             else flops_lib.count(fn, *args))
+    flops = flops_lib.count(counted[name], *args)
     row = dict(part=name, ms=1e3 * seconds, gflops=flops / 1e9,
                tflops_per_s=flops / seconds / 1e12)
     if peak:

@@ -1,11 +1,16 @@
 """The step breakdown's parts do the step's work: their FLOPs add up to the step's."""
 
+import pytest
+
 from codis_jax import bench
 from codis_jax import step_parts
 
 
-def test_parts_cover_the_step():
-  config = bench.make_config('tiny', batch=8)
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_parts_cover_the_step(remat):
+  # With remat on, the parts' FLOPs must still be counted without the recompute, as the
+  # step's are (else they would exceed the step's by ~20% and "rest" would be negative).
+  config = bench.make_config('tiny', batch=8, remat=remat)
   rows = {r['part']: r for r in step_parts.measure(config, steps=1)}
   assert set(rows) == {'step', 'vision_student', 'vision_teacher', 'text_student',
                        'text_teacher', 'fusion_student', 'fusion_teacher', 'update', 'ipot',

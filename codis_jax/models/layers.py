@@ -88,7 +88,8 @@ def attention(q, k, v, mask, implementation):
   """softmax(q k^T / sqrt(D), masked) v through `jax.nn.dot_product_attention`.
 
   q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None.
-  Returns [B, T, H, D]. cuDNN goes through `even_length_attention`.
+  Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
+  even lengths), so that it has one way of masking.
   """
   if implementation == 'cudnn':
     return even_length_attention(q, k, v, mask, implementation)
