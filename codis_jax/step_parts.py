@@ -11,7 +11,8 @@ come from another part):
   vision_teacher   encode_image, B images, forward
   text_student     encode_text, 2B rows (clean + masked text in one call)
   text_teacher     encode_text, 2B rows, forward
-  fusion_student   fuse on 4B rows (ITM positives, 2 negative sets, MLM) + MLM head on B
+  fusion_student   fuse on 4B rows (ITM positives, 2 negative sets, MLM) + MLM head on B;
+                   with share_image_kv, cross-attention keys/values from the B images
   fusion_teacher   fuse + MLM head on B rows, forward
   ipot             the codebook plans of both modalities (forward; the plans take no gradient)
   update           AdamW, temperature clamp, EMA teacher, enqueue (`train.apply_update`)
@@ -54,6 +55,9 @@ def _inputs(config, model, params, batch):
       text4=rand((4 * b, config.text_len, config.model.text_width)),
       mask4=jnp.ones((4 * b, config.text_len), jnp.int32),
       image4=rand((4 * b,) + tok_shape.shape[1:]),
+      # share_image_kv: an example's 4 fusion rows see its own image but the third.
+      index4=jnp.asarray(np.stack([np.arange(b)] * 2 + [np.roll(np.arange(b), 1)]
+                                  + [np.arange(b)], 1).reshape(1, 4 * b)),
       text1=rand((b, config.text_len, config.model.text_width)),
       mask1=jnp.asarray(batch['text_mask']), image1=rand(tok_shape.shape))
 
@@ -78,8 +82,9 @@ def make_parts(config, tx, state, batch):
       return vjp(jax.tree.map(lambda o: o / o.size, out))
     return grads
 
-  def fusion_student(p, text4, image4):
-    fused = run(student, p, codis.CODIS.fuse, text4, x['mask4'], image4)
+  def fusion_student(p, text4, image):
+    index = (x['index4'],) if config.model.share_image_kv else ()
+    fused = run(student, p, codis.CODIS.fuse, text4, x['mask4'], image, *index)
     return fused, run(student, p, codis.CODIS.mlm_logits, fused[3::4])
 
   def fusion_teacher(p, text1, image1):
@@ -98,7 +103,8 @@ def make_parts(config, tx, state, batch):
                                              x['mask2'])), (state.params,)),
       'text_teacher': (lambda p: run(teacher, p, codis.CODIS.encode_text, x['ids2'],
                                      x['mask2']), (tparams,)),
-      'fusion_student': (fwd_bwd(fusion_student), (state.params, x['text4'], x['image4'])),
+      'fusion_student': (fwd_bwd(fusion_student), (state.params, x['text4'], x[
+          'image1' if config.model.share_image_kv else 'image4'])),
       'fusion_teacher': (fusion_teacher, (tparams, x['text1'], x['image1'])),
       'update': (lambda s, g: train.apply_update(s, g, tx, config, feats, feats),
                  (state, grads)),
@@ -109,9 +115,10 @@ def make_parts(config, tx, state, batch):
   return parts
 
 
-def measure(config, steps: int) -> list[dict]:
-  """Rows {part, ms, gflops, tflops_per_s, share[, mfu]}, the whole step first."""
-  tx, state = bench.init_state(config)
+def measure(config, steps: int, init=bench.init_state) -> list[dict]:
+  """Rows {part, ms, gflops, tflops_per_s, share[, mfu]}, the whole step first.
+  init(config) -> (tx, fresh train state)."""
+  tx, state = init(config)
   batch = bench.synthetic_batch(config, config.batch_size)
   rng = jax.random.key(1)
   step = train.make_train_step(config, tx, steps_per_epoch=1000)
@@ -155,10 +162,10 @@ def format_rows(rows) -> str:
 def main(argv):
   del argv
   config = bench.make_config(FLAGS.config, FLAGS.batch, FLAGS.dtype, FLAGS.remat,
-                             FLAGS.attention)
+                             FLAGS.attention, FLAGS.set)
   print(f'{FLAGS.config}, batch {config.batch_size}, {config.model.dtype}, remat '
         f'{config.model.remat}, attention {config.model.attention_impl or "default"}, '
-        f'{jax.devices()[0].device_kind}')
+        f'overrides {",".join(FLAGS.set) or "none"}, {jax.devices()[0].device_kind}')
   print(format_rows(measure(config, FLAGS.steps)), flush=True)
 
 
@@ -169,4 +176,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('dtype', '', 'Override config.model.dtype.')
   flags.DEFINE_string('remat', '', 'Override config.model.remat.')
   flags.DEFINE_string('attention', '', 'Override config.model.attention_impl.')
+  flags.DEFINE_list('set', [], 'More config overrides, KEY=VALUE (as bench --set).')
   app.run(main)

@@ -44,6 +44,9 @@ def _paper() -> ml_collections.ConfigDict:
       # implementation ('' = JAX picks, 'xla', or 'cudnn' = flash attention on GPU,
       # which trains only at even sequence lengths: not the paper's 257 and 25).
       dtype='float32', remat='none', attention_impl='',
+      # The step's fusion rows of one image share its cross-attention keys/values
+      # (computed once per image, then gathered); False recomputes them per row.
+      share_image_kv=True,
   ))
 
   c.loss = ml_collections.ConfigDict(dict(

@@ -49,3 +49,24 @@ def test_vit_forward_matches_the_transformer_formula():
   layer = 2 * t * width * (4 * width + 2 * mlp) + 4 * t * t * width
   want = 2 * (patches + depth * layer)
   np.testing.assert_equal(flops.count(model.apply, params, images), want)
+
+
+def test_shared_image_kv_saves_three_quarters_of_the_cross_kv_projections(tiny_config):
+  """Per fusion layer, the keys and values of the image tokens (S x Dv -> Dt each) are
+  projected for B images instead of 4B rows: 3B rows x 2 projections fewer, forward and
+  both backward products (into the weights and into the student's image tokens)."""
+  from codis_jax import state as state_lib  # pylint: disable=import-outside-toplevel
+  from codis_jax import train  # pylint: disable=import-outside-toplevel
+  from conftest import make_batch  # pylint: disable=import-outside-toplevel
+  c = tiny_config
+  tx = state_lib.make_optimizer(c.optim, 100)
+  st = jax.eval_shape(lambda r: state_lib.create_train_state(c, r, tx), jax.random.key(0))
+  batch, rng = make_batch(c), jax.random.key(1)
+  count = {}
+  for share in (True, False):
+    c.model.share_image_kv = share
+    count[share] = flops.count(train.make_train_step(c, tx, 10), st, batch, rng)
+  m = c.model
+  s = 1 + (m.image_size // m.patch_size) ** 2
+  projection = 2 * s * m.vit_width * m.text_width
+  assert count[False] - count[True] == 3 * (3 * c.batch_size) * 2 * projection * m.fusion_layers

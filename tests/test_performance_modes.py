@@ -70,6 +70,54 @@ def test_remat_modes_match_none(no_remat, tiny_config, mode):
                grads, ref_grads)
 
 
+@pytest.mark.parametrize('group', [0, 4])
+def test_shared_image_kv_matches_per_row_images(no_remat, tiny_config, group):
+  """The step's fusion rows gathering each image's keys/values (share_image_kv) give the
+  loss and gradients of feeding every row its own copy of the image tokens."""
+  c, batch = tiny_config, make_batch(tiny_config)
+  assert c.model.share_image_kv and not c.loss.itm_group_size  # what `no_remat` ran
+  c.loss.itm_group_size = group
+  results = {}
+  for share in (True, False):
+    c.model.share_image_kv = share
+    results[share] = no_remat if share and not group else _loss_and_grads(c, batch)
+  (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads, ref_grads)
+
+
+def test_take_rows_picks_within_groups():
+  x = np.arange(6 * 2).reshape(6, 2)
+  index = np.array([[0, 2, 1, 0], [1, 1, 0, 2]])  # 2 groups of 3 rows
+  want = np.stack([x[g * 3 + i] for g in range(2) for i in index[g]])
+  np.testing.assert_array_equal(layers.take_rows(jnp.asarray(x), jnp.asarray(index)), want)
+  with pytest.raises(ValueError, match='do not split into 4 groups'):
+    layers.take_rows(jnp.asarray(x), jnp.zeros((4, 2), jnp.int32))
+
+
+def test_cross_attention_with_kv_index_equals_reference():
+  # 8 query rows over 4 images in 2 groups: keys/values projected per image, then gathered.
+  rs = np.random.RandomState(2)
+  t, s, d, dv, heads = 5, 7, 16, 24, 4
+  x_q = rs.randn(8, t, d).astype(np.float32)
+  images = rs.randn(4, s, dv).astype(np.float32)
+  index = np.array([[0, 1, 1, 0], [1, 1, 0, 1]])
+  rows = np.array([g * 2 + i for g in range(2) for i in index[g]])
+  attn = layers.Attention(heads)
+  params = nn.meta.unbox(attn.init(jax.random.key(0), x_q, images[rows])['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * rs.randn(*p.shape).astype(np.float32), params)
+  run = lambda img, idx: attn.apply({'params': params}, x_q, img, None, idx)
+  got = run(images, jnp.asarray(index))
+  want = _reference_attention(x_q, images[rows], None, jax.tree.map(np.asarray, params), heads)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+  # The image gradient sums over the rows that share an image (the gather's transpose).
+  cot = jnp.asarray(rs.randn(*got.shape).astype(np.float32))
+  shared = jax.grad(lambda img: jnp.sum(run(img, jnp.asarray(index)) * cot))(images)
+  per_row = jax.grad(lambda img: jnp.sum(run(img[rows], None) * cot))(images)
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(per_row), atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_matches_float32_loss_terms(tiny_config):
   """bf16 compute (f32 params, losses, IPOT, queues) agrees with f32 within 2e-2 relative."""
   c = tiny_config

@@ -56,7 +56,9 @@ class BertEmbeddings(nn.Module):
 class BertLayer(nn.Module):
   """One BERT layer; with `cross=True` a fusion layer (cross-attention after self-attention).
 
-  x [B, L, D]; x_mask bool [B, 1, 1, L]; image [B, S, Dv] (fusion only). -> [B, L, D].
+  x [B, L, D]; x_mask bool [B, 1, 1, L]; image [B, S, Dv] (fusion only), or [N, S, Dv]
+  with image_index int [G, B/G] picking each text row's image (`layers.take_rows`).
+  -> [B, L, D].
   """
   num_heads: int
   mlp_dim: int
@@ -68,7 +70,7 @@ class BertLayer(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x, x_mask, image=None):
+  def __call__(self, x, x_mask, image=None, image_index=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
     attn = lambda name: layers.Attention(self.num_heads, self.dtype, _INIT,
                                          self.attention_impl, name=name)
@@ -76,7 +78,8 @@ class BertLayer(nn.Module):
     x = norm('attention_norm')(x + drop(attn('attention')(x, x, x_mask)))
     if self.cross:
       # Every image token is visible: ALBEF gives the image no mask.
-      x = norm('crossattention_norm')(x + drop(attn('crossattention')(x, image)))
+      x = norm('crossattention_norm')(x + drop(attn('crossattention')(x, image, None,
+                                                                        image_index)))
     h = layers.dense(self.mlp_dim, 'embed', ('mlp',), dtype=self.dtype, init=_INIT,
                      name='intermediate')(x)
     h = layers.constrain(layers.gelu(h), ('act_batch', 'act_len', 'act_mlp'))
@@ -101,13 +104,13 @@ class BertStack(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x, text_mask, image=None):
+  def __call__(self, x, text_mask, image=None, image_index=None):
     mask = layers.padding_mask(text_mask)
     layer_cls = layers.maybe_remat(BertLayer, self.remat)
     for i in range(self.first_layer, self.first_layer + self.num_layers):
       x = layer_cls(self.num_heads, self.mlp_dim, self.eps, self.dropout,
                     self.deterministic, self.cross, self.dtype, self.attention_impl,
-                    name=f'layer_{i}')(x, mask, image)
+                    name=f'layer_{i}')(x, mask, image, image_index)
     return x
 
 

@@ -4,7 +4,7 @@ the learnable temperature and the codebook.
 One module, several methods; the train step calls them with `model.apply(..., method=)`:
   encode_image(images)           -> tokens [B, 1+P, Dv], feature [B, E] (L2-normalised, f32)
   encode_text(ids, mask)         -> tokens [B, L, Dt],  feature [B, E]
-  fuse(text, mask, image_tokens) -> fused tokens [B, L, Dt]
+  fuse(text, mask, image_tokens[, image_index]) -> fused tokens [B, L, Dt]
   itm_logits(fused)              -> [B, 2] from the fused [CLS]
   mlm_logits(fused)              -> [B, L, V] (decoder tied to the word embeddings)
   temperature()                  -> scalar, clamped to [temp_min, temp_max]
@@ -69,8 +69,13 @@ class CODIS(nn.Module):
     tokens = self.text_layers(self.embeddings(ids), mask)
     return tokens, l2_normalize(self.text_proj(tokens[:, 0].astype(jnp.float32)))
 
-  def fuse(self, text_tokens, text_mask, image_tokens):
-    return self.fusion_layers(text_tokens, text_mask, image_tokens.astype(text_tokens.dtype))
+  def fuse(self, text_tokens, text_mask, image_tokens, image_index=None):
+    """text [B, L, Dt], mask [B, L], image_tokens [B, S, Dv] -> [B, L, Dt]. Or image_tokens
+    [N, S, Dv] with image_index int [G, B/G] naming each text row's image (`take_rows`):
+    each image's cross-attention keys/values are then computed once, however many text
+    rows attend to it."""
+    return self.fusion_layers(text_tokens, text_mask, image_tokens.astype(text_tokens.dtype),
+                              image_index)
 
   def itm_logits(self, fused):
     return self.itm_head(fused[:, 0].astype(jnp.float32))

@@ -122,11 +122,30 @@ def even_length_attention(q, k, v, mask, implementation):
   return out[:, :t]
 
 
+def take_rows(x, index):
+  """Rows of x picked per group: x [N, ...], index int [G, R/G] -> [R, ...].
+
+  x splits into G groups of N/G consecutive rows; output row g*(R/G) + j is
+  x[g*(N/G) + index[g, j]] (entries are row numbers within the group). One gather per
+  group (a batched gather), so a batch-sharded x whose groups align with its shards stays
+  on its devices; G = 1 is a plain x[index[0]].
+  """
+  g = index.shape[0]
+  if x.shape[0] % g:
+    raise ValueError(f'take_rows: {x.shape[0]} rows do not split into {g} groups')
+  xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+  idx = index.reshape(index.shape + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(xg, idx, axis=1).reshape((-1,) + x.shape[1:])
+
+
 class Attention(nn.Module):
   """Multi-head attention (self when `kv` is `q`, cross otherwise).
 
-  q_in: [B, T, Dq]; kv_in: [B, S, Dkv]; mask: bool broadcastable to [B, H, T, S].
-  Returns [B, T, Dq]. Softmax runs in float32 inside `jax.nn.dot_product_attention`.
+  q_in: [B, T, Dq]; kv_in: [B, S, Dkv], or [N, S, Dkv] with `kv_index` int [G, B/G], where
+  query row b attends to row b of `take_rows(kv_in, kv_index)`; mask: bool broadcastable
+  to [B, H, T, S]. Returns [B, T, Dq]. With `kv_index` the keys and values are projected
+  once per kv_in row and then gathered, so query rows that share an image share that work.
+  Softmax runs in float32 inside `jax.nn.dot_product_attention`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -134,7 +153,7 @@ class Attention(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, q_in, kv_in, mask=None):
+  def __call__(self, q_in, kv_in, mask=None, kv_index=None):
     width = q_in.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
@@ -144,6 +163,8 @@ class Attention(nn.Module):
     q = proj(name='query')(q_in)
     k = proj(name='key')(kv_in)
     v = proj(name='value')(kv_in)
+    if kv_index is not None:
+      k, v = take_rows(k, kv_index), take_rows(v, kv_index)
     q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
                for t in (q, k, v))
     out = attention(q, k, v, mask, self.implementation or None)
