@@ -19,6 +19,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 import numpy as np
 
 from codis_jax import flops as flops_lib
@@ -39,9 +40,16 @@ def _define_flags():
   flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
   flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
   flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn).')
+  flags.DEFINE_list('set', [], 'More config overrides, KEY=VALUE, e.g. '
+                    'model.share_image_kv=false,loss.ipot_iters=20.')
   flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')
   flags.DEFINE_string('profile_dir', '', 'After timing, trace 3 steps with jax.profiler '
                       'into this folder (TensorBoard / Perfetto).')
+  flags.DEFINE_multi_string('variant', [], 'Repeatable: a comma-separated override list '
+                            '(as --set) for one more run of each config, in this process '
+                            '(the fresh train state is shared, see StateCache).')
+  flags.DEFINE_bool('parts', False, 'After the first variant, time the step\'s parts alone '
+                    '(codis_jax.step_parts) in its mode.')
   flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline '
                     "(pairs/s at the configs' image sizes) to set beside the step.")
 
@@ -93,6 +101,31 @@ def init_state(config):
   return tx, jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
 
 
+# Model knobs that change how the step computes, not the train state it starts from.
+PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv')
+
+
+class StateCache:
+  """`init_state` for variants of one config: a config differing from the last one only in
+  PERF_KEYS gets a device copy of the same fresh state instead of a new initialisation
+  (~60 s of the paper config on an H200). The fresh state waits on the host, so it adds
+  nothing to the device memory a variant uses."""
+
+  def __init__(self, init=None):
+    self._init = init or init_state
+    self._key, self._value = None, None
+
+  def __call__(self, config):
+    key = config.to_dict()
+    key['model'] = {k: v for k, v in key['model'].items() if k not in PERF_KEYS}
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key != self._key:
+      tx, state = self._init(config)
+      self._key, self._value = key, (tx, jax.device_get(state))
+    tx, host_state = self._value
+    return tx, jax.device_put(host_state)
+
+
 def ipot_call(config):
   """(fn, costs): IPOT at the step's shapes, fn(costs [2, B, K]) -> the two modalities'
   plans. Two different costs, so that XLA cannot merge the two solves into one."""
@@ -125,11 +158,38 @@ def synthetic_batch(config, b):
           'image_id': np.arange(b, dtype=np.int32)}
 
 
+def apply_overrides(config, items):
+  """Sets each 'a.b=value' of `items` on `config`, parsed as the type it replaces."""
+  for item in items:
+    key, sep, text = item.partition('=')
+    *path, leaf = key.split('.')
+    node = config
+    try:
+      for part in path:
+        node = node[part]
+      old = node[leaf]
+    except (KeyError, AttributeError, TypeError):
+      raise ValueError(f'override {item!r}: the config has no key {key!r}') from None
+    if not sep or isinstance(old, (dict, ml_collections.ConfigDict)):
+      raise ValueError(f'override {item!r}: expected KEY=VALUE with KEY a config value')
+    if isinstance(old, bool):
+      if text.lower() not in ('true', 'false'):
+        raise ValueError(f'override {item!r}: {key} takes true or false')
+      value = text.lower() == 'true'
+    else:
+      try:
+        value = type(old)(text) if old is not None else text
+      except ValueError:
+        raise ValueError(f'override {item!r}: {key} takes a {type(old).__name__}') from None
+    node[leaf] = value
+  return config
+
+
 def make_config(name: str, batch: int, dtype: str = '', remat: str = '',
-                attention: str = ''):
+                attention: str = '', overrides=()):
   """pretrain.py's `name` variant at global batch `batch` (0: the config's); '' keeps the
-  config's dtype / remat / attention."""
-  config = pretrain.get_config(name)
+  config's dtype / remat / attention; `overrides`: more 'a.b=value' settings."""
+  config = apply_overrides(pretrain.get_config(name), overrides)
   if batch:
     config.batch_size = batch
     # Keep the paper's queue length whenever the batch tiles it; else the largest that does.
@@ -146,16 +206,19 @@ def make_config(name: str, batch: int, dtype: str = '', remat: str = '',
 
 
 def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str = '',
-                 attention: str = '', profile_dir: str = '', report=None) -> dict:
+                 attention: str = '', profile_dir: str = '', report=None,
+                 overrides=(), init=init_state, process_peak=True) -> dict:
   """Times `steps` steps of pretrain.py's `name` variant; '' keeps the config's value.
 
   With `profile_dir`, 3 more steps then run under `jax.profiler.trace` (a TensorBoard /
   Perfetto trace of every kernel). `report(result)` is called before that trace, so a
-  trace cut short by a time limit loses no result.
+  trace cut short by a time limit loses no result. `init(config) -> (tx, state)`.
+  `process_peak`: report the device's peak memory, which covers everything the process
+  ran so far (so only the first variant of a process gets it).
   """
-  config = make_config(name, batch, dtype, remat, attention)
+  config = make_config(name, batch, dtype, remat, attention, overrides)
   b = config.batch_size
-  tx, state = init_state(config)
+  tx, state = init(config)
   _log(f'{name}: train state initialised')
   step = jax.jit(train.make_train_step(config, tx, steps_per_epoch=1000), donate_argnums=0)
   batch_arrays = jax.device_put(synthetic_batch(config, b))
@@ -194,6 +257,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
   result = dict(
       config=name, device=device.device_kind, batch=b, dtype=config.model.dtype,
       remat=config.model.remat, attention=config.model.attention_impl or 'default',
+      overrides=list(overrides),
       compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
       gflops_per_pair=flops / b / 1e9, compiled_gflops_per_pair=xla_flops / b / 1e9,
       ipot_share=ipot_s / step_s, first_loss=first_loss,
@@ -201,7 +265,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
       args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))
   if peak:
     result['mfu'] = flops / step_s / (peak * jax.device_count())
-  stats = getattr(device, 'memory_stats', lambda: None)()
+  stats = process_peak and getattr(device, 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     result['peak_gib'] = stats['peak_bytes_in_use'] / 2**30
   if report:
@@ -220,12 +284,13 @@ def format_row(r: dict) -> str:
           f"{r['attention']} | {r['compile_s']:.1f} | {1000 * r['step_s']:.1f} | "
           f"{r['pairs_per_s']:.1f} | {r['gflops_per_pair']:.4g} | "
           f"{r['compiled_gflops_per_pair']:.4g} | {mfu} | {100 * r['ipot_share']:.2f}% | "
-          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {peak} | {r['first_loss']:.5g} |")
+          f"{r['args_gib']:.2f} | {r['temp_gib']:.2f} | {peak} | {r['first_loss']:.5g} | "
+          f"{', '.join(r.get('overrides', [])) or '-'} |")
 
 
 HEADER = ('| config | device | batch | dtype | remat | attention | compile s | step ms | pairs/s '
           '| model GFLOPs/pair | compiled GFLOPs/pair | MFU | IPOT share | args GiB | temp GiB '
-          '| peak GiB | loss, step 1 |\n' + '|---' * 17 + '|')
+          '| peak GiB | loss, step 1 | overrides |\n' + '|---' * 18 + '|')
 
 
 def _report(result):
@@ -237,10 +302,32 @@ def _report(result):
 
 def main(argv):
   del argv
+  if FLAGS.set:
+    print(f'config overrides: {", ".join(FLAGS.set)}')
   print(HEADER)
+  states, failed, first = StateCache(), [], True
   for name in FLAGS.configs:
-    bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat, FLAGS.attention,
-                 FLAGS.profile_dir, report=_report)
+    for variant in FLAGS.variant or ['']:
+      overrides = list(FLAGS.set) + [o for o in variant.split(',') if o]
+      try:
+        bench_config(name, FLAGS.batch, FLAGS.steps, FLAGS.dtype, FLAGS.remat,
+                     FLAGS.attention, FLAGS.profile_dir if first else '', report=_report,
+                     overrides=overrides, init=states, process_peak=first)
+      except Exception as e:  # pylint: disable=broad-except
+        # One variant failing (e.g. a kernel this device lacks) leaves the others to run.
+        failed.append(f'{name} [{", ".join(overrides)}]: {type(e).__name__}: {e}'[:2000])
+        print(f'| {name} | FAILED: {failed[-1][:300]} |', flush=True)
+        if FLAGS.json:
+          with open(FLAGS.json, 'a') as f:
+            f.write(json.dumps(dict(config=name, overrides=overrides, error=failed[-1])) + '\n')
+      if first and FLAGS.parts:
+        from codis_jax import step_parts  # pylint: disable=import-outside-toplevel
+        config = make_config(name, FLAGS.batch, FLAGS.dtype, FLAGS.remat, FLAGS.attention,
+                             overrides)
+        print(f'step parts, {name} [{", ".join(overrides) or "config as is"}]:')
+        print(step_parts.format_rows(step_parts.measure(config, FLAGS.steps, init=states)),
+              flush=True)
+      first = False
   if FLAGS.pipeline:
     from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel
     for size in sorted({pretrain.get_config(n).model.image_size for n in FLAGS.configs}):
@@ -248,6 +335,8 @@ def main(argv):
       print(f"input pipeline (pretraining transform, synthetic 640x480 JPEGs -> {size} px): "
             f"{r['images_per_s']:.0f} pairs/s on {r['cores']} cores "
             f"({r['images_per_s_per_core']:.0f} per core)", flush=True)
+  if failed:
+    raise SystemExit(f'{len(failed)} variant(s) failed:\n' + '\n'.join(failed))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,7 @@
 """The step benchmark runs, and its model FLOPs agree with XLA's own CPU count."""
 
+import pytest
+
 from codis_jax import bench
 
 
@@ -12,3 +14,39 @@ def test_bench_tiny_model_flops_agree_with_xla_cpu_cost_analysis():
   # a missing backward pass (2/3 of the matmuls) would put it near 0.26.
   ratio = r['gflops_per_pair'] / r['compiled_gflops_per_pair']
   assert 0.6 < ratio < 1.0, ratio
+
+
+def test_state_cache_shares_one_fresh_state_across_performance_variants():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def init(config):
+    calls.append(config.optim.lr)
+    return 'tx', {'w': jnp.full((3,), config.optim.lr)}
+
+  cache = bench.StateCache(init)
+  base = ['model.dtype=bfloat16']
+  for overrides in ([], base, base + ['model.remat=dots', 'model.share_image_kv=false'],
+                    ['model.attention_impl=xla']):
+    _, state = cache(bench.make_config('tiny', 8, overrides=overrides))
+    state['w'] = state['w'] + 1  # a variant's steps must not reach the next one's state
+  assert calls == [1e-4]
+  np.testing.assert_array_equal(cache(bench.make_config('tiny', 8))[1]['w'],
+                                np.full(3, 1e-4, np.float32))
+  # Anything else (here the learning rate) is another train state.
+  cache(bench.make_config('tiny', 8, overrides=['optim.lr=0.5']))
+  assert calls == [1e-4, 0.5]
+
+
+def test_overrides_parse_as_the_values_they_replace():
+  c = bench.make_config('tiny', 8, overrides=['model.share_image_kv=False', 'loss.ipot_iters=7',
+                                              'optim.lr=0.25', 'model.dtype=bfloat16'])
+  assert (c.model.share_image_kv, c.loss.ipot_iters, c.optim.lr, c.model.dtype) == (
+      False, 7, 0.25, 'bfloat16')
+  for bad, match in (('model.nosuch=1', "no key 'model.nosuch'"),
+                     ('loss.ipot_iters=many', 'takes a int'),
+                     ('model.share_image_kv=yes', 'takes true or false'),
+                     ('model=1', 'KEY=VALUE'), ('loss.ipot_iters', 'KEY=VALUE')):
+    with pytest.raises(ValueError, match=match):
+      bench.make_config('tiny', 8, overrides=[bad])
