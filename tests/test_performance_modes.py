@@ -195,3 +195,29 @@ def test_cudnn_attention_module_hands_the_kernel_even_lengths(monkeypatch):
   assert seen == [(6, 10, 'cudnn', True)]  # padded to even, lengths instead of a bias
   want = _reference_attention(x_q, x_kv, None, jax.tree.map(np.asarray, params), heads)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('group', [0, 4])
+def test_finetune_shared_image_kv_matches_per_row_images(group):
+  """Retrieval fine-tuning's 3 fusion rows per example: keys/values shared per image give
+  the per-row loss and gradients (with captions of one image sharing an id)."""
+  from codis_jax.evaluate import finetune_step  # pylint: disable=import-outside-toplevel
+  from configs import retrieval_coco  # pylint: disable=import-outside-toplevel
+  c = retrieval_coco.get_config('tiny')
+  c.loss.itm_group_size = group
+  batch = dict(make_batch(c), image_id=np.arange(c.batch_size, dtype=np.int32) // 2)
+  tx = state_lib.make_optimizer(c.optim, 100)
+  st = jax.jit(lambda r: finetune_step.initial_state(c, tx, r))(jax.random.key(0))
+  results = {}
+  for share in (True, False):
+    c.model.share_image_kv = share
+    step = finetune_step.make_finetune_step(c, tx, steps_per_epoch=10)
+    loss = lambda p, step=step: step(st.replace(params=p), batch, jax.random.key(3))[1]
+    results[share] = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p)['loss']))(
+        st.params), jax.jit(loss)(st.params)
+  ((loss, grads), metrics), ((ref_loss, ref_grads), ref_metrics) = results[True], results[False]
+  assert float(ref_metrics['loss_itm']) > 0.1  # the ITM term is in the comparison
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics['loss_itm'], ref_metrics['loss_itm'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads, ref_grads)

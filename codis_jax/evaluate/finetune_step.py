@@ -119,14 +119,23 @@ def make_finetune_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     # Hard negatives: captions/images of the same image are not negatives (ALBEF masks
     # them); the sampler already excludes the diagonal.
     same = image_ids[:, None] == image_ids[None, :]
+    group = lc.itm_group_size or ids.shape[0]
     neg_txt, neg_img = losses.sample_hard_negatives(
         r_neg, jnp.where(same, -jnp.inf, sim_i2t), jnp.where(same, -jnp.inf, sim_t2i),
-        group_size=lc.itm_group_size or None)
-    fused = apply(codis.CODIS.fuse,
-                  jnp.concatenate([text_tokens, text_tokens, text_tokens[neg_txt]]),
-                  jnp.concatenate([mask, mask, mask[neg_txt]]),
-                  jnp.concatenate([image_tokens, image_tokens[neg_img], image_tokens]))
-    itm, itm_acc = losses.itm_loss(apply(codis.CODIS.itm_logits, fused))
+        group_size=group)
+    # Per example, interleaved (as train.py): [positive; negative image; negative text].
+    take = lambda x, idx: train_lib.take_in_groups(x, idx, group)
+    text = (train_lib.interleave(text_tokens, text_tokens, take(text_tokens, neg_txt)),
+            train_lib.interleave(mask, mask, take(mask, neg_txt)))
+    if mc.share_image_kv:  # two of the three rows see the example's own image
+      own = jnp.arange(ids.shape[0]) % group
+      index = train_lib.interleave(own, neg_img % group, own).reshape(-1, 3 * group)
+      fused = apply(codis.CODIS.fuse, *text, image_tokens, index)
+    else:
+      fused = apply(codis.CODIS.fuse, *text, train_lib.interleave(
+          image_tokens, take(image_tokens, neg_img), image_tokens))
+    itm, itm_acc = losses.itm_loss(apply(codis.CODIS.itm_logits, jnp.concatenate(
+        train_lib.deinterleave(fused[:, :1], 3))))
     total = ita + itm
     return total, dict(loss=total, loss_ita=ita, loss_itm=itm, itm_acc=itm_acc, temp=temp)
 
