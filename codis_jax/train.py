@@ -138,8 +138,8 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
       # Each image's cross-attention keys/values are projected once and gathered for its
       # rows (3 of the 4 rows of an example see its own image): ~1/9 of the paper step's
       # FLOPs. Indices are within each ITM group, as take_in_groups'.
-      own = jnp.arange(ids.shape[0]) % group
-      index = interleave(own, own, neg_img % group, own).reshape(-1, 4 * group)
+      own = jnp.arange(ids.shape[0])
+      index = group_index(group, own, own, neg_img, own)
       fused = apply(codis.CODIS.fuse, *fusion_text, image_tokens, index)
     else:
       neg_image_tokens = take_in_groups(image_tokens, neg_img, group)
@@ -210,13 +210,19 @@ def deinterleave(x, k: int):
   return [x[:, j] for j in range(k)]
 
 
+def group_index(group: int, *idx):
+  """`layers.take_rows` index for `interleave`d rows: k arrays [B] of row numbers of x (each
+  within its example's group of `group` consecutive rows) -> int [B/group, k*group]."""
+  return interleave(*(i % group for i in idx)).reshape(-1, len(idx) * group)
+
+
 def take_in_groups(x, idx, group: int):
   """x[idx] where every idx[i] lies in i's group of `group` consecutive rows.
 
   x: [B, ...]; idx: [B] int. Gathering per group (a batched gather) lets XLA keep each
   group on its devices instead of gathering all of x everywhere.
   """
-  return layers.take_rows(x, (idx % group).reshape(x.shape[0] // group, group))
+  return layers.take_rows(x, group_index(group, idx))
 
 
 def _global_norm(tree):

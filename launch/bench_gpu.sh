@@ -51,8 +51,8 @@ if [ "$left" -ge 30 ]; then
   echo "exit $?" >>"$out/bench_full.log"
   grep -vE "^\[bench|^\[step_parts|^I[0-9]{4} |^W[0-9]{4} " "$out/bench_full.log" | tee -a "$log"
   # The trace's summary (where the step's device time goes), in case the trace is too big
-  # to bring back.
-  timeout 60 $py -m codis_jax.trace_report "$out/trace" --top=30 >"$out/trace_report.md" 2>&1
+  # to bring back; bench traces 3 steps (GPU events may carry no run_id to count them by).
+  timeout 60 $py -m codis_jax.trace_report "$out/trace" --steps=3 --top=30 >"$out/trace_report.md" 2>&1
   head -40 "$out/trace_report.md" | tee -a "$log"
 else
   echo "bench skipped: ${left} s left" | tee -a "$log"
