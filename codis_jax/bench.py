@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from codis_jax import flops as flops_lib
+from codis_jax import hlo_cost
 from codis_jax import ot
 from codis_jax import state as state_lib
 from codis_jax import train
@@ -265,6 +266,12 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
       args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))
   if peak:
     result['mfu'] = flops / step_s / (peak * jax.device_count())
+  gpu = hlo_cost.device_for(device.device_kind)
+  if gpu is not None:  # the compiled step's roofline on this GPU (codis_jax.roofline)
+    result['roofline_s'] = hlo_cost.summary(hlo_cost.kernels(compiled.as_text()),
+                                            gpu)['seconds']
+    _log(f'{name}: roofline {1e3 * result["roofline_s"]:.1f} ms; the step ran at '
+         f'{100 * result["roofline_s"] / step_s:.0f}% of it')
   stats = process_peak and getattr(device, 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     result['peak_gib'] = stats['peak_bytes_in_use'] / 2**30

@@ -8,7 +8,6 @@ For each mesh: per-device argument and temp bytes (`memory_analysis()`), FLOPs
 """
 
 import collections
-import math
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
+from codis_jax import hlo_cost  # noqa: E402
 from codis_jax import sharding  # noqa: E402
 from codis_jax import state as state_lib  # noqa: E402
 from codis_jax import train  # noqa: E402
@@ -36,9 +36,6 @@ flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dot
 _COLLECTIVE = re.compile(
     r'= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)'
     r'(?:-start)?\(')
-_SHAPE = re.compile(r'(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2,
-          's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 
 
 def collectives(hlo_text: str):
@@ -48,12 +45,8 @@ def collectives(hlo_text: str):
     m = _COLLECTIVE.search(line)
     if not m:
       continue
-    size, shapes = 0, []
-    for dtype, dims in _SHAPE.findall(m.group(1)):
-      shape = tuple(int(d) for d in filter(None, dims.split(',')))
-      shapes.append(shape)
-      size += math.prod(shape) * _BYTES[dtype]
-    found.append((m.group(2), size, shapes))
+    arrays = hlo_cost.arrays(m.group(1))
+    found.append((m.group(2), sum(a.bytes for a in arrays), [a.shape for a in arrays]))
   return found
 
 

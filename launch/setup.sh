@@ -18,3 +18,12 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# --gpu-aot: JAX's CUDA plugin and cuDNN in .gpu_aot/ (~1.3 GB), for compiling the step for
+# a GPU on a machine without one (python -m codis_jax.roofline). Kept out of .venv: with the
+# plugin installed, every JAX program there would try (and fail) to start CUDA.
+if [ "${1:-}" = "--gpu-aot" ]; then
+  jax_version=$(.venv/bin/python -c 'import jax; print(jax.__version__)')
+  .venv/bin/python -m pip install -q --no-deps --target .gpu_aot \
+      "jax-cuda12-plugin==$jax_version" "jax-cuda12-pjrt==$jax_version" \
+      'nvidia-cudnn-cu12>=9.8,<10'
+fi

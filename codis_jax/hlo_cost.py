@@ -1,0 +1,309 @@
+"""Kernel-by-kernel cost of a compiled XLA program, read from its optimised HLO text.
+
+Every instruction of the entry computation that is not bookkeeping (parameter, tuple,
+bitcast, ...) is one kernel launch; a while loop's body counts `known_trip_count` times.
+For each kernel: FLOPs of its matmuls and convolutions, and the bytes it moves through
+device memory (operands read plus results written). A fusion reads only the slices it
+takes of an operand, and a dynamic-update-slice fusion writes only its update in place,
+as XLA's own GPU cost model counts them.
+
+`roofline_seconds` turns one kernel into time on a device: max(compute at peak, bytes at
+peak bandwidth) plus a fixed launch cost. Summed over a step it is an estimate of what
+the step would take if every kernel ran at the device's limit: a lower bound that says
+which kernels and how many bytes a change removes, not a measurement.
+"""
+
+import dataclasses
+import json
+import math
+import re
+
+_DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1,
+                'f8e5m2': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4,
+                'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
+# Instructions that launch nothing: they name, regroup or reinterpret existing buffers.
+_FREE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
+         'partition-id', 'replica-id', 'opt-barrier', 'add-dependency'}
+_ASYNC_DONE = re.compile(r'-(done|update)$')
+_SLICES = {'slice', 'dynamic-slice'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+  dtype: str
+  shape: tuple
+
+  @property
+  def bytes(self) -> int:
+    return int(math.prod(self.shape) * _DTYPE_BYTES[self.dtype])
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  arrays: list      # the result's arrays (several for a tuple)
+  op: str
+  operands: list    # names of the operand instructions
+  args: str         # the operand list as written ('0' for parameter(0))
+  attrs: str        # everything after the operand list
+
+
+@dataclasses.dataclass
+class Kernel:
+  name: str
+  op: str           # 'fusion', 'custom-call', 'copy', ...
+  kind: str         # fusion kind or custom-call target, for grouping
+  op_name: str      # JAX op path from the metadata (XLA-made ops: first named operand's)
+  flops: float      # per launch
+  bytes: float      # per launch
+  count: int        # launches per program run (while loops multiply)
+  f32_matmul: bool  # matmul with float32 operands (TF32 on NVIDIA GPUs)
+
+
+def arrays(type_text: str) -> list:
+  """'(bf16[2,3]{1,0}, s8[64]{0})' -> [Array('bf16', (2, 3)), Array('s8', (64,))]."""
+  return [Array(dt, tuple(int(d) for d in dims.split(',') if d))
+          for dt, dims in _ARRAY.findall(type_text) if dt in _DTYPE_BYTES]
+
+
+def _closing(text: str, start: int) -> int:
+  """Index of the parenthesis closing the one at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
+    if depth == 0:
+      return i
+  raise ValueError(f'unbalanced parentheses in HLO line: {text[:200]}')
+
+
+def _instr(line: str):
+  m = re.match(r'\s*(?:ROOT )?%(\S+) = (.*)$', line)
+  if not m:
+    return None
+  name, rest = m.groups()
+  if rest.startswith('('):
+    end = _closing(rest, 0)
+    type_text, rest = rest[:end + 1], rest[end + 2:]
+  else:
+    type_text, _, rest = rest.partition(' ')
+  open_at = rest.index('(')
+  close_at = _closing(rest, open_at)
+  args = rest[open_at + 1:close_at]
+  return Instr(name, arrays(type_text), rest[:open_at], re.findall(r'%([\w.\-]+)', args),
+               args, rest[close_at + 1:])
+
+
+def parse(hlo_text: str):
+  """Optimised HLO module text -> ({computation: [Instr]}, entry computation name)."""
+  comps, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    if current is None:
+      m = re.match(r'(ENTRY )?%(\S+) \(', line)
+      if m and line.rstrip().endswith('{'):
+        current = comps.setdefault(m.group(2), [])
+        entry = m.group(2) if m.group(1) else entry
+    elif line.startswith('}'):
+      current = None
+    else:
+      ins = _instr(line)
+      if ins is not None:
+        current.append(ins)
+  if entry is None:
+    raise ValueError('no ENTRY computation in the HLO text')
+  return comps, entry
+
+
+def _dims(attrs: str, key: str) -> list:
+  """Dimension numbers from `lhs_contracting_dims={1,2}` or backend_config JSON."""
+  m = re.search(key + r'=\{([\d,]*)\}', attrs)
+  if m is None:
+    m = re.search('"' + key.replace('_dims', '_dimensions') + r'":\[([^\]]*)\]', attrs)
+  return [int(d) for d in re.findall(r'\d+', m.group(1))] if m else []
+
+
+def _matmul_flops(out: Array, lhs: Array, attrs: str) -> float:
+  k = math.prod(lhs.shape[d] for d in _dims(attrs, 'lhs_contracting_dims'))
+  return 2.0 * math.prod(out.shape) * k
+
+
+def _conv_flops(out: Array, kernel: Array, attrs: str) -> float:
+  # dim_labels=b01f_01io->b01f: 'o' marks the kernel's output-feature dimension.
+  m = re.search(r'dim_labels=\w+_(\w+)->', attrs)
+  o = kernel.shape[m.group(1).index('o')] if m else kernel.shape[-1]
+  return 2.0 * math.prod(out.shape) * math.prod(kernel.shape) / o
+
+
+def _attention_flops(ins: Instr, types: dict) -> float:
+  """cuDNN fused attention: q [B, T, H, D], k [B, S, H, D]. The forward is 2 matmuls; the
+  backward recomputes the scores and runs 4 more (flash attention keeps no [T, S])."""
+  q, k = (types[n][0] for n in ins.operands[:2])
+  b, t, h, d = q.shape
+  per_matmul = 2.0 * b * h * t * k.shape[1] * d
+  return per_matmul * (5 if 'Backward' in ins.attrs else 2)
+
+
+def _fusion_cost(ins: Instr, comps: dict, types: dict):
+  """(flops, bytes read, bytes written, has f32 matmul) of one fusion."""
+  called = comps[re.search(r'calls=%([\w.\-]+)', ins.attrs).group(1)]
+  local = {i.name: i.arrays for i in called}
+  users = {}  # name -> [(user, operand position)]
+  for i in called:
+    for pos, o in enumerate(i.operands):
+      users.setdefault(o, []).append((i, pos))
+  flops, f32 = 0.0, False
+  for i in called:
+    if i.op == 'dot':
+      lhs = local[i.operands[0]][0]
+      flops += _matmul_flops(i.arrays[0], lhs, i.attrs)
+      f32 |= lhs.dtype == 'f32'
+    elif i.op == 'convolution':
+      flops += _conv_flops(i.arrays[0], local[i.operands[1]][0], i.attrs)
+  params = {int(i.args): i for i in called if i.op == 'parameter'}
+  root = called[-1]
+  roots = [local_i for local_i in called if local_i.name in root.operands] \
+      if root.op == 'tuple' else [root]
+  in_place = {r.operands[0] for r in roots if r.op == 'dynamic-update-slice'}
+  read = 0.0
+  for n, operand in enumerate(ins.operands):
+    p = params.get(n)
+    full = sum(a.bytes for a in types.get(operand, []))
+    if p is None:
+      read += full
+    elif p.name in in_place:
+      continue  # updated in place: only the update is read and written
+    else:
+      us = users.get(p.name, [])
+      if us and all(u.op in _SLICES and pos == 0 for u, pos in us):
+        read += sum(u.arrays[0].bytes for u, _ in us)  # only the slices are read
+      else:
+        read += full
+  written = 0.0
+  for r in roots:
+    if r.op == 'dynamic-update-slice':
+      written += local[r.operands[1]][0].bytes
+    else:
+      written += sum(a.bytes for a in r.arrays)
+  return flops, read, written, f32
+
+
+
+def _trip_count(ins: Instr) -> int:
+  m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+  if m is None:
+    raise ValueError(f'while loop {ins.name} has no known trip count in its backend_config')
+  return int(m.group(1))
+
+
+def kernels(hlo_text: str) -> list:
+  """The kernels one run of the program launches, as [Kernel] (while bodies unrolled by
+  their trip counts into `count`)."""
+  comps, entry = parse(hlo_text)
+  out = []
+
+  def walk(comp_name, count):
+    types = {i.name: i.arrays for i in comps[comp_name]}
+    names = {}  # JAX op path per instruction; XLA-made ones take a named operand's
+    for ins in comps[comp_name]:
+      m = re.search(r'op_name="([^"]*)"', ins.attrs)
+      names[ins.name] = m.group(1) if m else next(
+          (names[o] for o in ins.operands if names.get(o)), '')
+    for ins in comps[comp_name]:
+      if ins.op in _FREE or _ASYNC_DONE.search(ins.op):
+        continue
+      if ins.op == 'while':
+        n = count * _trip_count(ins)
+        for key in ('condition', 'body'):
+          walk(re.search(key + r'=%([\w.\-]+)', ins.attrs).group(1), n)
+        continue
+      if ins.op in ('call', 'async-start'):
+        walk(re.search(r'(?:to_apply|calls)=%([\w.\-]+)', ins.attrs).group(1), count)
+        continue
+      target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
+      kind = target.group(1) if target else ins.op
+      result = ins.arrays
+      if target and len(result) > 1 and result[-1].dtype in ('s8', 'u8'):
+        result = result[:-1]  # cuBLAS / cuDNN scratch space, not data
+      flops, f32 = 0.0, False
+      read = sum(a.bytes for o in ins.operands for a in types.get(o, []))
+      written = sum(a.bytes for a in result)
+      if ins.op == 'fusion':
+        kind = re.search(r'kind=(\w+)', ins.attrs).group(1)
+        flops, read, written, f32 = _fusion_cost(ins, comps, types)
+      elif ins.op == 'dot' or (target and ('gemm' in kind or 'matmul' in kind)):
+        lhs = types[ins.operands[0]][0]
+        flops, f32 = _matmul_flops(result[0], lhs, ins.attrs), lhs.dtype == 'f32'
+      elif ins.op == 'convolution' or (target and 'conv' in kind):
+        flops = _conv_flops(result[0], types[ins.operands[1]][0], ins.attrs)
+      elif target and 'fmha' in kind.lower():
+        flops = _attention_flops(ins, types)
+      out.append(Kernel(ins.name, ins.op, kind, names[ins.name], flops, read + written,
+                        count, f32))
+
+  walk(entry, 1)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """A chip's limits for `roofline_seconds`: dense bf16 and float32-matmul FLOP/s (TF32 on
+  NVIDIA), memory bandwidth in bytes/s, and a fixed cost per kernel launch."""
+  name: str
+  bf16_flops: float
+  f32_matmul_flops: float
+  bandwidth: float
+  launch_s: float = 2e-6
+
+
+# Vendor datasheet peaks (dense). The launch cost is the usual back-to-back gap between
+# small kernels on these GPUs (1-3 us; XLA's CUDA graphs shorten it); it is a parameter.
+DEVICES = {
+    'a100': Device('A100 SXM 80GB', 312e12, 156e12, 2.039e12),
+    'h100': Device('H100 SXM', 989e12, 494e12, 3.35e12),
+    'h200': Device('H200 SXM', 989e12, 494e12, 4.8e12),
+}
+
+
+def device_for(device_kind: str):
+  """The `DEVICES` entry for a JAX device_kind ('NVIDIA H200' -> h200), or None."""
+  for key in DEVICES:
+    if key in device_kind.lower():
+      return DEVICES[key]
+  return None
+
+
+def roofline_seconds(k: Kernel, device: Device) -> float:
+  """Time of all of k's launches if each ran at the device's compute or memory limit."""
+  peak = device.f32_matmul_flops if k.f32_matmul else device.bf16_flops
+  return k.count * (max(k.flops / peak, k.bytes / device.bandwidth) + device.launch_s)
+
+
+def summary(ks: list, device: Device) -> dict:
+  """Totals of one program run: launches, FLOPs, bytes, and the roofline time with its
+  compute-bound and memory-bound parts."""
+  peak = lambda k: device.f32_matmul_flops if k.f32_matmul else device.bf16_flops
+  bound = [(k.count * k.flops / peak(k), k.count * k.bytes / device.bandwidth) for k in ks]
+  return dict(
+      launches=sum(k.count for k in ks),
+      flops=sum(k.count * k.flops for k in ks),
+      bytes=sum(k.count * k.bytes for k in ks),
+      seconds=sum(roofline_seconds(k, device) for k in ks),
+      compute_bound_s=sum(c for c, m in bound if c >= m),
+      memory_bound_s=sum(m for c, m in bound if m > c),
+      launch_s=sum(k.count for k in ks) * device.launch_s)
+
+
+def group_by(ks: list, key, device: Device) -> list:
+  """[(group, launches, flops, bytes, roofline seconds)] by key(kernel), slowest first."""
+  groups = {}
+  for k in ks:
+    g = groups.setdefault(key(k), [0, 0.0, 0.0, 0.0])
+    g[0] += k.count
+    g[1] += k.count * k.flops
+    g[2] += k.count * k.bytes
+    g[3] += roofline_seconds(k, device)
+  return sorted(((name, *v) for name, v in groups.items()), key=lambda r: -r[4])
+
+
+def to_json(ks: list) -> str:
+  return json.dumps([dataclasses.asdict(k) for k in ks])

@@ -1,0 +1,170 @@
+"""hlo_cost: kernels, FLOPs and bytes read from optimised HLO, checked by hand counts."""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from codis_jax import hlo_cost
+
+# GPU-style HLO as XLA writes it: a cuBLAS call with its scratch buffer, a fusion that reads
+# a slice of a big buffer, an in-place dynamic-update-slice fusion, and a while loop.
+_GPU_HLO = """\
+HloModule jit_step, is_scheduled=true
+
+%fused_slice (param_0: f32[1000,256], param_1: s32[]) -> f32[64,256] {
+  %param_0 = f32[1000,256]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %c0 = s32[] constant(0)
+  ROOT %ds = f32[64,256]{1,0} dynamic-slice(%param_0, %param_1, %c0), dynamic_slice_sizes={64,256}
+}
+
+%fused_dus (param_0.1: f32[1000,256], param_1.1: bf16[64,256], param_2.1: s32[]) -> f32[1000,256] {
+  %param_0.1 = f32[1000,256]{1,0} parameter(0)
+  %param_1.1 = bf16[64,256]{1,0} parameter(1)
+  %cv = f32[64,256]{1,0} convert(%param_1.1)
+  %param_2.1 = s32[] parameter(2)
+  %c1 = s32[] constant(0)
+  ROOT %dus = f32[1000,256]{1,0} dynamic-update-slice(%param_0.1, %cv, %param_2.1, %c1)
+}
+
+%fused_tanh (param_0.2: f32[64,256]) -> f32[64,256] {
+  %param_0.2 = f32[64,256]{1,0} parameter(0)
+  ROOT %t = f32[64,256]{1,0} tanh(%param_0.2)
+}
+
+%body (arg: (s32[], f32[64,256])) -> (s32[], f32[64,256]) {
+  %arg = (s32[], f32[64,256]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = f32[64,256]{1,0} get-tuple-element(%arg), index=1
+  %tanh_fusion = f32[64,256]{1,0} fusion(%x), kind=kLoop, calls=%fused_tanh
+  ROOT %out = (s32[], f32[64,256]{1,0}) tuple(%i, %tanh_fusion)
+}
+
+%cond (arg.1: (s32[], f32[64,256])) -> pred[] {
+  %arg.1 = (s32[], f32[64,256]{1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (p0: bf16[64,128], p1: bf16[128,256], queue: f32[1000,256], ptr: s32[]) -> f32[1000,256] {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[128,256]{1,0} parameter(1)
+  %queue = f32[1000,256]{1,0} parameter(2)
+  %ptr = s32[] parameter(3)
+  %gemm = (bf16[64,256]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/dense/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %h = bf16[64,256]{1,0} get-tuple-element(%gemm), index=0
+  %old = f32[64,256]{1,0} fusion(%queue, %ptr), kind=kLoop, calls=%fused_slice
+  %t0 = (s32[], f32[64,256]{1,0}) tuple(%ptr, %old)
+  %loop = (s32[], f32[64,256]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %new = f32[1000,256]{1,0} fusion(%queue, %h, %ptr), kind=kLoop, calls=%fused_dus
+}
+"""
+
+
+def test_gpu_style_hlo_kernels_by_hand():
+  ks = {k.name: k for k in hlo_cost.kernels(_GPU_HLO)}
+  assert sorted(ks) == ['gemm', 'new', 'old', 'tanh_fusion']
+  gemm = ks['gemm']
+  assert gemm.kind == '__cublas$lt$matmul' and gemm.op_name == 'jit(step)/dense/dot_general'
+  assert gemm.flops == 2 * 64 * 256 * 128
+  # bf16 operands in, bf16 result out; the s8 scratch buffer is not data.
+  assert gemm.bytes == (64 * 128 + 128 * 256 + 64 * 256) * 2
+  assert not gemm.f32_matmul and gemm.count == 1
+  # The slice fusion reads 64 of the queue's 1000 rows and its int32 offset.
+  assert ks['old'].bytes == 64 * 256 * 4 + 4 + 64 * 256 * 4
+  # In place: the bf16 update and the offset are read, only the 64 rows are written.
+  assert ks['new'].bytes == 64 * 256 * 2 + 4 + 64 * 256 * 4
+  # No metadata: named after its first operand that has a name (the GEMM, through the gte).
+  assert ks['new'].op_name == 'jit(step)/dense/dot_general'
+  # The while body runs its trip count; the condition has no kernels.
+  assert ks['tanh_fusion'].count == 3 and ks['tanh_fusion'].bytes == 2 * 64 * 256 * 4
+
+
+def test_roofline_seconds_and_summary_by_hand():
+  dev = hlo_cost.Device('test', bf16_flops=100.0, f32_matmul_flops=50.0, bandwidth=10.0,
+                        launch_s=1.0)
+  compute = hlo_cost.Kernel('a', 'custom-call', 'gemm', '', flops=1000.0, bytes=20.0,
+                            count=2, f32_matmul=False)   # 10 s compute > 2 s memory
+  f32 = dataclasses.replace(compute, name='b', count=1, f32_matmul=True)  # 20 s at 50 FLOP/s
+  memory = hlo_cost.Kernel('c', 'fusion', 'kLoop', '', flops=0.0, bytes=300.0, count=1,
+                           f32_matmul=False)             # 30 s of bytes
+  assert hlo_cost.roofline_seconds(compute, dev) == 2 * (10 + 1)
+  assert hlo_cost.roofline_seconds(f32, dev) == 20 + 1
+  s = hlo_cost.summary([compute, f32, memory], dev)
+  assert s['launches'] == 4 and s['flops'] == 3000 and s['bytes'] == 40 + 20 + 300
+  assert s['seconds'] == 22 + 21 + 31
+  assert (s['compute_bound_s'], s['memory_bound_s'], s['launch_s']) == (40, 30, 4)
+  groups = hlo_cost.group_by([compute, f32, memory], lambda k: k.kind, dev)
+  assert [g[0] for g in groups] == ['gemm', 'kLoop'] and groups[0][1:] == (3, 3000, 60, 43)
+
+
+def test_cpu_compiled_program_flops_and_loop_counts():
+  # A real XLA:CPU compile: one matmul, then a 5-trip loop of two matmuls.
+  m, n = 32, 16
+
+  def f(x, w):
+    return jax.lax.fori_loop(0, 5, lambda i, c: jnp.tanh(c @ w.T @ w), jax.nn.gelu(x @ w))
+
+  text = jax.jit(f).lower(jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          jax.ShapeDtypeStruct((n, n), jnp.float32)).compile().as_text()
+  ks = hlo_cost.kernels(text)
+  assert sum(k.count * k.flops for k in ks) == 2 * m * n * n * (1 + 2 * 5)
+  assert max(k.count for k in ks) == 5
+  # The first matmul's kernel reads x and w and writes [m, n], all float32.
+  first = [k for k in ks if k.flops and k.count == 1]
+  assert len(first) == 1 and first[0].bytes == (m * n + n * n + m * n) * 4
+
+
+def test_unknown_trip_count_and_missing_entry_are_clear_errors():
+  with pytest.raises(ValueError, match='no ENTRY'):
+    hlo_cost.kernels('%f (p: f32[]) -> f32[] {\n  ROOT %p = f32[] parameter(0)\n}\n')
+  bad = _GPU_HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', '')
+  with pytest.raises(ValueError, match='no known trip count'):
+    hlo_cost.kernels(bad)
+
+
+_COMPILE_ONLY = """
+import jax, jax.numpy as jnp
+from codis_jax import hlo_cost, roofline
+s = jax.sharding.SingleDeviceSharding(roofline.compile_only_device('h200'))
+x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=s)
+w = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16, sharding=s)
+text = jax.jit(lambda a, b: a @ b).lower(x, w).compile(
+    compiler_options={'xla_gpu_enable_triton_gemm': False}).as_text()
+ks = hlo_cost.kernels(text)
+print(sum(k.flops for k in ks), [k.kind for k in ks if k.flops])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec('jax_cuda12_plugin') is None,
+                    reason="needs JAX's CUDA plugin (no GPU): launch/setup.sh --gpu-aot")
+def test_compile_only_gpu_matmul():
+  # Its own process: JAX must start with the CPU platform for a compile-only GPU.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  out = subprocess.run([sys.executable, '-c', _COMPILE_ONLY], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  flops, kinds = out.stdout.strip().splitlines()[-1].split(' ', 1)
+  assert float(flops) == 2 * 256 * 512 * 1024 and '__cublas' in kinds
+
+
+def test_roofline_parts_from_op_paths():
+  from codis_jax import roofline  # pylint: disable=import-outside-toplevel
+  kernel = lambda name: hlo_cost.Kernel('k', 'fusion', 'kLoop', name, 0.0, 0.0, 1, False)
+  cases = {
+      'jit(train_step)/transpose(jvp(CODIS.encode_image))/visual_encoder/blocks_3/mlp/add':
+          'vision backward',
+      'jit(train_step)/jvp(CODIS.fuse)/fusion_layers/layer_8/crossattention/key/add':
+          'fusion forward',
+      'jit(train_step)/CODIS.encode_text/text_layers/layer_0/attention/query/dot_general':
+          'text forward (teacher)',
+      'jit(train_step)/jvp()/while/body/closed_call/dot_general': 'IPOT',
+      'jit(train_step)/add': 'rest (losses, update, EMA, queues)',
+  }
+  for name, want in cases.items():
+    assert roofline.part(kernel(name)) == want, name
