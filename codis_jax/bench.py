@@ -82,11 +82,13 @@ def _log(msg):
 
 
 def flops_config(config):
-  """`config` as the model FLOPs are counted: remat off (recompute is not useful work)
-  and attention as plain matmuls (a cuDNN call is opaque to the jaxpr counter)."""
+  """`config` as the model FLOPs are counted: remat and token padding off (recompute and
+  padding are not useful work) and attention as plain matmuls (a cuDNN call is opaque to
+  the jaxpr counter)."""
   config = copy.deepcopy(config)
   config.model.remat = 'none'
   config.model.attention_impl = 'xla'
+  config.model.pad_image_tokens = 0  # padding is not useful work either
   return config
 
 
@@ -103,7 +105,7 @@ def init_state(config):
 
 
 # Model knobs that change how the step computes, not the train state it starts from.
-PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv')
+PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv', 'pad_image_tokens')
 
 
 class StateCache:

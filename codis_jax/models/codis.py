@@ -37,7 +37,7 @@ class CODIS(nn.Module):
     impl = c.attention_impl or None
     self.visual_encoder = vit.ViT(
         c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp_dim, c.vit_ln_eps,
-        dtype, c.remat, impl)
+        dtype, c.remat, impl, c.get('pad_image_tokens', 0))
     text_common = dict(num_heads=c.text_heads, mlp_dim=c.text_mlp_dim, eps=c.text_ln_eps,
                        dropout=c.dropout, deterministic=not self.train, dtype=dtype,
                        remat=c.remat, attention_impl=impl)

@@ -84,19 +84,23 @@ def padding_mask(text_mask):
   return (text_mask > 0)[:, None, None, :]
 
 
-def attention(q, k, v, mask, implementation):
+def attention(q, k, v, mask, implementation, kv_length=None):
   """softmax(q k^T / sqrt(D), masked) v through `jax.nn.dot_product_attention`.
 
-  q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None.
+  q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None;
+  kv_length: only the first kv_length keys count (static; None = all S).
   Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
   even lengths), so that it has one way of masking.
   """
   if implementation == 'cudnn':
-    return even_length_attention(q, k, v, mask, implementation)
+    return even_length_attention(q, k, v, mask, implementation, kv_length)
+  if kv_length is not None:  # a [1, 1, 1, S] mask: nothing per batch or head to store
+    valid = (jnp.arange(k.shape[1]) < kv_length)[None, None, None]
+    mask = valid if mask is None else mask & valid
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def even_length_attention(q, k, v, mask, implementation):
+def even_length_attention(q, k, v, mask, implementation, kv_length=None):
   """`attention` with T and S padded to even lengths; same shapes and values.
 
   JAX's cuDNN kernel has no backward at odd lengths, and the paper's 257 image tokens and
@@ -110,11 +114,13 @@ def even_length_attention(q, k, v, mask, implementation):
   if mask is None:
     lengths = lambda n: jnp.full((b,), n, jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths(t),
-                                       key_value_seq_lengths=lengths(s),
+                                       key_value_seq_lengths=lengths(kv_length or s),
                                        implementation=implementation)
   else:
     # cuDNN takes the mask as a bias and needs every dim spelled out. The padded query row
     # sees every key (a fully masked row would be degenerate); the padded key is masked.
+    if kv_length is not None:
+      mask = mask & (jnp.arange(s) < kv_length)
     mask = jnp.broadcast_to(mask, (b, 1, t, s))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, s % 2)), constant_values=False)
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t % 2), (0, 0)), constant_values=True)
@@ -143,7 +149,8 @@ class Attention(nn.Module):
 
   q_in: [B, T, Dq]; kv_in: [B, S, Dkv], or [N, S, Dkv] with `kv_index` int [G, B/G], where
   query row b attends to row b of `take_rows(kv_in, kv_index)`; mask: bool broadcastable
-  to [B, H, T, S]. Returns [B, T, Dq]. With `kv_index` the keys and values are projected
+  to [B, H, T, S]; kv_length: only the first kv_length keys count (static; None = all).
+  Returns [B, T, Dq]. With `kv_index` the keys and values are projected
   once per kv_in row and then gathered, so query rows that share an image share that work.
   Softmax runs in float32 inside `jax.nn.dot_product_attention`.
   """
@@ -153,7 +160,7 @@ class Attention(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, q_in, kv_in, mask=None, kv_index=None):
+  def __call__(self, q_in, kv_in, mask=None, kv_index=None, kv_length=None):
     width = q_in.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
@@ -167,7 +174,7 @@ class Attention(nn.Module):
       k, v = take_rows(k, kv_index), take_rows(v, kv_index)
     q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
                for t in (q, k, v))
-    out = attention(q, k, v, mask, self.implementation or None)
+    out = attention(q, k, v, mask, self.implementation or None, kv_length)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
                 name='out', axis=(-2, -1))(out)
     return constrain(out, ('act_batch', 'act_len', 'act_embed'))

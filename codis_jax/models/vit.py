@@ -19,19 +19,26 @@ class ViTBlock(nn.Module):
   eps: float
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  num_tokens: int | None = None  # tokens after it are padding (None: none)
 
   @nn.compact
   def __call__(self, x):
     h = layers.layer_norm(self.eps, self.dtype, 'norm1')(x)
     x = x + layers.Attention(self.num_heads, self.dtype, _INIT, self.attention_impl,
-                             name='attn')(h, h)
+                             name='attn')(h, h, kv_length=self.num_tokens)
     h = layers.layer_norm(self.eps, self.dtype, 'norm2')(x)
     x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, name='mlp')(h)
     return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
 
 
 class ViT(nn.Module):
-  """images [B, H, W, 3] (normalised) -> tokens [B, 1 + (H/p)*(W/p), D] after the final norm."""
+  """images [B, H, W, 3] (normalised) -> tokens [B, 1 + (H/p)*(W/p), D] after the final norm.
+
+  pad_tokens_to > 1: the blocks run on the tokens padded to a multiple of it, the padding
+  masked out as keys and dropped at the end (exact). GPU matmuls want lengths in multiples
+  of 8: XLA otherwise pads the paper's 257 tokens inside every attention (and cuDNN's path
+  to an even length), a copy per layer in each direction.
+  """
   patch_size: int
   width: int
   depth: int
@@ -41,6 +48,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention_impl: str | None = None
+  pad_tokens_to: int = 0
 
   @nn.compact
   def __call__(self, images):
@@ -60,11 +68,14 @@ class ViT(nn.Module):
                      (1, 1 + gh * gw, d), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
     x = layers.constrain(x + pos.astype(x.dtype), ('act_batch', 'act_len', 'act_embed'))
+    n = x.shape[1]
+    padded = -(-n // self.pad_tokens_to) * self.pad_tokens_to if self.pad_tokens_to > 1 else n
+    x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0)))
     block = layers.maybe_remat(ViTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.eps, self.dtype, self.attention_impl,
-                name=f'blocks_{i}')(x)
-    return layers.layer_norm(self.eps, self.dtype, 'norm')(x)
+                n if padded > n else None, name=f'blocks_{i}')(x)
+    return layers.layer_norm(self.eps, self.dtype, 'norm')(x[:, :n])
 
 
 def interpolate_pos_embed(pos_embed, new_grid: int):
