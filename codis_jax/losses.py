@@ -7,6 +7,7 @@ float32 [B, E]; losses are computed in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -181,9 +182,11 @@ def codebook_loss(img, txt, img_src, txt_src, codebook, temp, *, pairing: str = 
 
   costs, plans, ot_terms, targets = {}, {}, {}, {}
   for m, src in (("img", img_src), ("txt", txt_src)):
-    src = jax.lax.stop_gradient(src.astype(_f32))
-    costs[m] = 1.0 - src @ cn.T                             # [B, K]
-    plans[m] = ipot(costs[m], beta=beta, num_iters=num_iters, num_inner=num_inner)
+    costs[m] = 1.0 - jax.lax.stop_gradient(src.astype(_f32)) @ cn.T   # [B, K]
+  # Both plans in one batched IPOT loop: half the kernel launches of two loops.
+  solve = functools.partial(ipot, beta=beta, num_iters=num_iters, num_inner=num_inner)
+  plans["img"], plans["txt"] = jax.vmap(solve)(jnp.stack([costs["img"], costs["txt"]]))
+  for m in ("img", "txt"):
     # Gradient reaches the codebook only: src and the plan are constants.
     ot_terms[m] = jnp.sum(plans[m] * costs[m])
     row = jnp.sum(plans[m], axis=1, keepdims=True)
