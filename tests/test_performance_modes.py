@@ -233,3 +233,19 @@ def test_finetune_shared_image_kv_matches_per_row_images(group):
   np.testing.assert_allclose(metrics['loss_itm'], ref_metrics['loss_itm'], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, ref_grads)
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_gelu_and_its_recomputed_gradient_equal_the_erf_formula(dtype, tol):
+  # Reference: x * Phi(x) and its derivative Phi(x) + x * phi(x), in float64 from math.erf.
+  import math  # pylint: disable=import-outside-toplevel
+  x = np.linspace(-6, 6, 241).astype(np.float32)
+  xd = np.float64(np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)))
+  cdf = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in xd])
+  pdf = np.exp(-0.5 * xd ** 2) / math.sqrt(2 * math.pi)
+  value, grad = jax.vmap(jax.value_and_grad(layers.gelu))(jnp.asarray(x, dtype))
+  assert value.dtype == grad.dtype == dtype
+  np.testing.assert_allclose(np.float64(value.astype(jnp.float32)), xd * cdf, atol=tol,
+                             rtol=tol)
+  np.testing.assert_allclose(np.float64(grad.astype(jnp.float32)), cdf + xd * pdf,
+                             atol=tol, rtol=tol)
