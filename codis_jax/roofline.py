@@ -35,16 +35,22 @@ from codis_jax import state as state_lib  # noqa: E402
 from codis_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('config', 'paper', 'configs/pretrain.py variant.')
-flags.DEFINE_integer('batch', 64, 'Batch per chip.')
-flags.DEFINE_string('dtype', 'bfloat16', "Override config.model.dtype ('' keeps it).")
-flags.DEFINE_multi_string('variant', [''], 'Comma-separated overrides, one compile each.')
-flags.DEFINE_enum('target', 'h200', sorted(hlo_cost.DEVICES), 'GPU to compile for.')
-flags.DEFINE_string('hlo', '', 'Analyse this optimised-HLO text file instead of compiling.')
-flags.DEFINE_float('launch_us', 2.0, 'Fixed cost per kernel launch, microseconds.')
-flags.DEFINE_integer('top', 12, 'Rows of each breakdown table.')
-flags.DEFINE_string('save_hlo', '', 'Write each compiled step\'s HLO to this directory.')
-flags.DEFINE_string('json', '', 'Append one JSON line per variant to this file.')
+
+
+def _define_flags():
+  """Defined when run as a program only (as bench's), so that importing this module adds
+  no absl flags that clash with another tool's."""
+  flags.DEFINE_string('config', 'paper', 'configs/pretrain.py variant.')
+  flags.DEFINE_integer('batch', 64, 'Batch per chip.')
+  flags.DEFINE_string('dtype', 'bfloat16', "Override config.model.dtype ('' keeps it).")
+  flags.DEFINE_multi_string('variant', [''], 'Comma-separated overrides, one compile each.')
+  flags.DEFINE_enum('target', 'h200', sorted(hlo_cost.DEVICES), 'GPU to compile for.')
+  flags.DEFINE_string('hlo', '', 'Analyse this optimised-HLO text file instead of compiling.')
+  flags.DEFINE_float('launch_us', 2.0, 'Fixed cost per kernel launch, microseconds.')
+  flags.DEFINE_integer('top', 12, 'Rows of each breakdown table.')
+  flags.DEFINE_string('save_hlo', '', "Write each compiled step's HLO to this directory.")
+  flags.DEFINE_string('json', '', 'Append one JSON line per variant to this file.')
+
 
 # Device descriptions for the compile-only client (XLA's GpuDeviceInfoProto fields).
 _GPU_INFO = {
@@ -182,4 +188,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
