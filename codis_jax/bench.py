@@ -271,10 +271,13 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
     result['mfu'] = flops / step_s / (peak * jax.device_count())
   gpu = hlo_cost.device_for(device.device_kind)
   if gpu is not None:  # the compiled step's roofline on this GPU (codis_jax.roofline)
-    result['roofline_s'] = hlo_cost.summary(hlo_cost.kernels(compiled.as_text()),
-                                            gpu)['seconds']
-    _log(f'{name}: roofline {1e3 * result["roofline_s"]:.1f} ms; the step ran at '
-         f'{100 * result["roofline_s"] / step_s:.0f}% of it')
+    try:
+      result['roofline_s'] = hlo_cost.summary(hlo_cost.kernels(compiled.as_text()),
+                                              gpu)['seconds']
+      _log(f'{name}: roofline {1e3 * result["roofline_s"]:.1f} ms; the step ran at '
+           f'{100 * result["roofline_s"] / step_s:.0f}% of it')
+    except Exception as e:  # pylint: disable=broad-except  (never lose the measurement)
+      _log(f'{name}: no roofline ({e})')
   stats = process_peak and getattr(device, 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     result['peak_gib'] = stats['peak_bytes_in_use'] / 2**30
