@@ -47,6 +47,7 @@ class Instr:
   operands: list    # names of the operand instructions
   args: str         # the operand list as written ('0' for parameter(0))
   attrs: str        # everything after the operand list
+  root: bool = False
 
 
 @dataclasses.dataclass
@@ -78,10 +79,10 @@ def _closing(text: str, start: int) -> int:
 
 
 def _instr(line: str):
-  m = re.match(r'\s*(?:ROOT )?%(\S+) = (.*)$', line)
+  m = re.match(r'\s*(ROOT )?%(\S+) = (.*)$', line)
   if not m:
     return None
-  name, rest = m.groups()
+  root, name, rest = m.groups()
   if rest.startswith('('):
     end = _closing(rest, 0)
     type_text, rest = rest[:end + 1], rest[end + 2:]
@@ -91,7 +92,7 @@ def _instr(line: str):
   close_at = _closing(rest, open_at)
   args = rest[open_at + 1:close_at]
   return Instr(name, arrays(type_text), rest[:open_at], re.findall(r'%([\w.\-]+)', args),
-               args, rest[close_at + 1:])
+               args, rest[close_at + 1:], root is not None)
 
 
 def parse(hlo_text: str):
@@ -160,9 +161,8 @@ def _fusion_cost(ins: Instr, comps: dict, types: dict):
     elif i.op == 'convolution':
       flops += _conv_flops(i.arrays[0], local[i.operands[1]][0], i.attrs)
   params = {int(i.args): i for i in called if i.op == 'parameter'}
-  root = called[-1]
-  roots = [local_i for local_i in called if local_i.name in root.operands] \
-      if root.op == 'tuple' else [root]
+  root = next(i for i in called if i.root)
+  roots = [i for i in called if i.name in root.operands] if root.op == 'tuple' else [root]
   in_place = {r.operands[0] for r in roots if r.op == 'dynamic-update-slice'}
   read = 0.0
   for n, operand in enumerate(ins.operands):
@@ -185,7 +185,6 @@ def _fusion_cost(ins: Instr, comps: dict, types: dict):
     else:
       written += sum(a.bytes for a in r.arrays)
   return flops, read, written, f32
-
 
 
 def _trip_count(ins: Instr) -> int:
