@@ -168,3 +168,15 @@ def test_roofline_parts_from_op_paths():
   }
   for name, want in cases.items():
     assert roofline.part(kernel(name)) == want, name
+
+
+def test_fusion_root_is_the_marked_instruction_not_the_last_line():
+  # XLA may print a fusion's ROOT before other instructions; the in-place update is still
+  # found (only its update written, the big buffer not read).
+  moved = _GPU_HLO.replace(
+      '  ROOT %dus = f32[1000,256]{1,0} dynamic-update-slice(%param_0.1, %cv, %param_2.1, %c1)\n',
+      '  ROOT %dus = f32[1000,256]{1,0} dynamic-update-slice(%param_0.1, %cv, %param_2.1, %c1)\n'
+      '  %unused = f32[2]{0} constant({1, 2})\n')
+  assert moved != _GPU_HLO
+  new = {k.name: k for k in hlo_cost.kernels(moved)}['new']
+  assert new.bytes == 64 * 256 * 2 + 4 + 64 * 256 * 4
