@@ -56,8 +56,8 @@ def _inputs(config, model, params, batch):
       mask4=jnp.ones((4 * b, config.text_len), jnp.int32),
       image4=rand((4 * b,) + tok_shape.shape[1:]),
       # share_image_kv: an example's 4 fusion rows see its own image but the third.
-      index4=jnp.asarray(np.stack([np.arange(b)] * 2 + [np.roll(np.arange(b), 1)]
-                                  + [np.arange(b)], 1).reshape(1, 4 * b)),
+      index4=train.group_index(b, *[jnp.arange(b)] * 2, jnp.roll(jnp.arange(b), 1),
+                               jnp.arange(b)),
       text1=rand((b, config.text_len, config.model.text_width)),
       mask1=jnp.asarray(batch['text_mask']), image1=rand(tok_shape.shape))
 

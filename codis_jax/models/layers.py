@@ -111,16 +111,19 @@ def attention(q, k, v, mask, implementation, kv_length=None):
   Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
   even lengths), so that it has one way of masking.
   """
+  if kv_length is not None and (mask is not None or implementation != 'cudnn'):
+    # A [1, 1, 1, S] mask: nothing per batch or head to store. (cuDNN without a mask
+    # takes kv_length as sequence lengths instead, in even_length_attention.)
+    valid = (jnp.arange(k.shape[1]) < kv_length)[None, None, None]
+    mask, kv_length = (valid if mask is None else mask & valid), None
   if implementation == 'cudnn':
     return even_length_attention(q, k, v, mask, implementation, kv_length)
-  if kv_length is not None:  # a [1, 1, 1, S] mask: nothing per batch or head to store
-    valid = (jnp.arange(k.shape[1]) < kv_length)[None, None, None]
-    mask = valid if mask is None else mask & valid
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def even_length_attention(q, k, v, mask, implementation, kv_length=None):
   """`attention` with T and S padded to even lengths; same shapes and values.
+  kv_length (only without a mask): the keys after it are padding, as sequence lengths.
 
   JAX's cuDNN kernel has no backward at odd lengths, and the paper's 257 image tokens and
   25 text tokens are odd. The padded keys are masked out and the padded query row is
@@ -138,8 +141,6 @@ def even_length_attention(q, k, v, mask, implementation, kv_length=None):
   else:
     # cuDNN takes the mask as a bias and needs every dim spelled out. The padded query row
     # sees every key (a fully masked row would be degenerate); the padded key is masked.
-    if kv_length is not None:
-      mask = mask & (jnp.arange(s) < kv_length)
     mask = jnp.broadcast_to(mask, (b, 1, t, s))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, s % 2)), constant_values=False)
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t % 2), (0, 0)), constant_values=True)
@@ -169,9 +170,9 @@ class Attention(nn.Module):
   q_in: [B, T, Dq]; kv_in: [B, S, Dkv], or [N, S, Dkv] with `kv_index` int [G, B/G], where
   query row b attends to row b of `take_rows(kv_in, kv_index)`; mask: bool broadcastable
   to [B, H, T, S]; kv_length: only the first kv_length keys count (static; None = all).
-  Returns [B, T, Dq]. With `kv_index` the keys and values are projected
-  once per kv_in row and then gathered, so query rows that share an image share that work.
-  Softmax runs in float32 inside `jax.nn.dot_product_attention`.
+  Returns [B, T, Dq]. With `kv_index` the keys and values are projected once per kv_in
+  row and then gathered, so query rows that share an image share that work. Softmax runs
+  in float32 inside `jax.nn.dot_product_attention`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
