@@ -4,7 +4,7 @@
 
 Resumes from the newest checkpoint in WORKDIR/checkpoints when there is one. The host
 never waits for the device except at log steps, checkpoint steps and the end. The step
-is wrapped in a guard that refuses non-finite updates (see `guard_step`), so the state
+is wrapped in a guard that refuses non-finite updates (`guard.guard_step`), so the state
 the loop holds, and therefore every checkpoint, is always finite.
 """
 
@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from codis_jax import checkpoint as ckpt_lib
 from codis_jax import demo_vocab
+from codis_jax import guard as guard_lib
 from codis_jax import metrics_log
 from codis_jax import sharding
 from codis_jax import state as state_lib
@@ -113,54 +114,6 @@ def data_states(data) -> list:
   rows = multihost_utils.process_allgather(np.asarray([mine[k] for k in keys], np.int64))
   return [{**mine, **dict(zip(keys, map(int, r))), 'process_index': i}
           for i, r in enumerate(np.asarray(rows))]
-
-
-# -------------------------------------------------------------------------- the guard
-
-def init_guard(skip_nonfinite=False):
-  # skipped: updates refused; bad_step/bad_terms: the first refused update (the last one,
-  # when skipping) and a bitmask of the metrics that were non-finite in it (names:
-  # guard_step(...).names). `skip` is data, not a Python constant, so that both policies
-  # share one compiled step.
-  return {'skipped': np.int32(0), 'bad_step': np.int32(-1), 'bad_terms': np.int32(0),
-          'skip': np.int32(bool(skip_nonfinite))}
-
-
-def guard_step(train_step):
-  """(state, guard), batch, rng -> (state, guard), metrics.
-
-  A step whose loss terms or gradient norm are not all finite is not applied. When
-  skipping (guard['skip']), the step counter still advances: it counts batches
-  consumed, so the schedule and the data position stay in step. Otherwise the state
-  freezes entirely and the loop stops at its next sync, naming the step and the terms.
-  """
-  names = []
-
-  def step(carry, batch, rng):
-    state, guard = carry
-    new, metrics = train_step(state, batch, rng)
-    keys = sorted(k for k in metrics if k.startswith('loss') or k == 'grad_norm')
-    names[:] = keys
-    bad = jnp.stack([~jnp.isfinite(metrics[k]) for k in keys])
-    skip, halted = guard['skip'] > 0, guard['bad_step'] >= 0
-    finite = ~jnp.any(bad)
-    ok = finite & (skip | ~halted)  # when stopping: frozen after the first bad update
-    record = ~finite & (skip | ~halted)
-    bits = jnp.sum(jnp.where(bad, 2 ** jnp.arange(len(keys), dtype=jnp.int32), 0))
-    out = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-    out = out.replace(step=jnp.where(ok | skip, state.step + 1, state.step))
-    guard = {'skipped': guard['skipped'] + (~ok).astype(jnp.int32),
-             'bad_step': jnp.where(record, state.step + 1, guard['bad_step']),
-             'bad_terms': jnp.where(record, bits, guard['bad_terms']), 'skip': guard['skip']}
-    metrics['skipped'] = guard['skipped']
-    return (out, guard), metrics
-
-  step.names = names
-  return step
-
-
-def bad_terms(names, bits) -> list:
-  return [n for i, n in enumerate(names) if int(bits) >> i & 1]
 
 
 # --------------------------------------------------------------------------- the run
@@ -270,13 +223,13 @@ def train(config, workdir, evaluate=None) -> Result:
     log.info('resuming from %s/%d', ckpt.directory, start)
   state, shardings = _initial_state(config, tx, mesh, ckpt, start, rng_init)
   replicated = NamedSharding(mesh, P())
-  guard = {**init_guard(), **(extra['guard'] if extra else {}),
+  guard = {**guard_lib.init_guard(), **(extra['guard'] if extra else {}),
            'skip': int(config.skip_nonfinite)}
   guard = jax.device_put({k: np.int32(v) for k, v in guard.items()}, replicated)
   rng = jax.device_put(rng, replicated)
   elapsed0 = extra['elapsed_s'] if extra else 0.0
 
-  step_fn = guard_step(train_lib.make_train_step(config, tx, spe, lr_schedule))
+  step_fn = guard_lib.guard_step(train_lib.make_train_step(config, tx, spe, lr_schedule))
   jitted = sharding.jit_train_step(step_fn, config, mesh,
                                    (shardings, jax.tree.map(lambda _: replicated, guard)))
   writer = metrics_log.MetricsWriter(workdir, enabled=primary,
@@ -293,7 +246,7 @@ def train(config, workdir, evaluate=None) -> Result:
 
   def check_guard(g):
     if g['bad_step'] >= 0 and not config.skip_nonfinite:
-      terms = ', '.join(bad_terms(step_fn.names, g['bad_terms']))
+      terms = ', '.join(guard_lib.bad_terms(step_fn.names, g['bad_terms']))
       raise NonFiniteError(
           f'non-finite {terms} at step {g["bad_step"]}: the update was not applied and '
           f'the run stops (last checkpoint: step {ckpt.latest_step() or "none"}); '
@@ -337,7 +290,7 @@ def train(config, workdir, evaluate=None) -> Result:
           if g['skipped'] > skipped:
             skipped = g['skipped']
             log.warning('%d non-finite updates skipped so far (last: step %d: %s)',
-                        g['skipped'], g['bad_step'], bad_terms(step_fn.names, g['bad_terms']))
+                        g['skipped'], g['bad_step'], guard_lib.bad_terms(step_fn.names, g['bad_terms']))
         # Several hosts must stop at the same step: JAX's preemption sync point decides.
         stop = (ckpt.reached_preemption(step) if jax.process_count() > 1
                 else preempt.flag)

@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from codis_jax import bench  # noqa: E402
+from codis_jax import guard  # noqa: E402
 from codis_jax import hlo_cost  # noqa: E402
 from codis_jax import state as state_lib  # noqa: E402
 from codis_jax import train  # noqa: E402
@@ -50,6 +51,7 @@ def _define_flags():
   flags.DEFINE_integer('top', 12, 'Rows of each breakdown table.')
   flags.DEFINE_string('save_hlo', '', "Write each compiled step's HLO to this directory.")
   flags.DEFINE_string('json', '', 'Append one JSON line per variant to this file.')
+  flags.DEFINE_bool('guard', True, 'The step inside the non-finite guard, as the loop runs it.')
 
 
 # Device descriptions for the compile-only client (XLA's GpuDeviceInfoProto fields).
@@ -108,12 +110,17 @@ def step_args(config):
   return tx, state, batch, jax.eval_shape(lambda: jax.random.key(1))
 
 
-def compile_step_hlo(config, tx, args, device):
-  """(optimised HLO text, memory analysis) of `config`'s train step on `device`."""
+def compile_step_hlo(config, tx, args, device, guarded=True):
+  """(optimised HLO text, memory analysis) of `config`'s train step on `device`; guarded:
+  inside `guard.guard_step`, as the training loop runs it."""
+  state, batch, rng = args
+  step = train.make_train_step(config, tx, steps_per_epoch=1000)
+  if guarded:
+    step, state = guard.guard_step(step), (state, guard.init_guard())
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      args)
-  step = jax.jit(train.make_train_step(config, tx, steps_per_epoch=1000), donate_argnums=0)
+                      (state, batch, rng))
+  step = jax.jit(step, donate_argnums=0)
   compiled = step.lower(*args).compile(
       compiler_options={'xla_gpu_enable_triton_gemm': False})  # no autotuner to pick tiles
   return compiled.as_text(), compiled.memory_analysis()
@@ -167,7 +174,7 @@ def main(argv):
     overrides = [v for v in variant.split(',') if v]
     config = bench.make_config(FLAGS.config, FLAGS.batch, FLAGS.dtype, overrides=overrides)
     tx, *args = step_args(config)
-    text, mem = compile_step_hlo(config, tx, args, gpu)
+    text, mem = compile_step_hlo(config, tx, args, gpu, FLAGS.guard)
     if FLAGS.save_hlo:
       os.makedirs(FLAGS.save_hlo, exist_ok=True)
       with open(os.path.join(FLAGS.save_hlo, f'{variant or "default"}.hlo.txt'), 'w') as f:
@@ -180,6 +187,7 @@ def main(argv):
     sys.stdout.flush()
     if FLAGS.json:
       row.update(config=FLAGS.config, batch=config.batch_size, dtype=config.model.dtype,
+                 guard=FLAGS.guard,
                  target=FLAGS.target, launch_us=FLAGS.launch_us, jax=jax.__version__,
                  args_gib=mem.argument_size_in_bytes / 2**30,
                  temp_gib=mem.temp_size_in_bytes / 2**30)
