@@ -169,7 +169,7 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(
         state.params, state, batch, masked, teacher_out, alpha, (r_drop, r_neg))
 
-    metrics.update(alpha=alpha, grad_norm=_global_norm(grads),
+    metrics.update(alpha=alpha, grad_norm=global_norm(grads),
                    mlm_tokens=jnp.sum(masked[2]))
     if lr_schedule is not None:
       metrics['lr'] = lr_schedule(state.step)
@@ -225,6 +225,16 @@ def take_in_groups(x, idx, group: int):
   return layers.take_rows(x, group_index(group, idx))
 
 
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
+def global_norm(tree):
+  """sqrt of the sum of squares of every leaf (float32) -> scalar.
+
+  Same-shaped leaves (the layers' weights) are stacked into one reduction per shape:
+  reduced leaf by leaf, XLA:GPU launched two kernels per leaf, ~600 for the paper model.
+  The stack fuses into the reduction (no copy). Under FSDP a shape can mix shardings (the
+  paper model has one replicated [768] bias among 169 sharded [768] leaves); XLA then
+  all-gathers a few small vectors (4 of [32] on the tiny model, 8-way FSDP).
+  """
+  groups = {}
+  for x in jax.tree.leaves(tree):
+    groups.setdefault(x.shape, []).append(x.astype(jnp.float32))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.stack(g))) for g in groups.values()))

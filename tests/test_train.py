@@ -135,3 +135,16 @@ def test_bad_attention_impl_is_a_clear_error(tiny_config):
   tiny_config.model.attention_impl = 'flash'
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     _setup(tiny_config)
+
+
+def test_global_norm_equals_numpy_over_mixed_leaves():
+  """Leaves of repeated and unique shapes, one bfloat16: the float64 norm of them all."""
+  rs = np.random.RandomState(0)
+  tree = {'a': [rs.randn(3, 4) for _ in range(3)], 'b': rs.randn(5), 'c': rs.randn(3, 4) * 10,
+          'd': rs.randn(2, 2).astype(jnp.bfloat16), 'e': np.float32(2.0)}
+  leaves = [np.float64(np.asarray(x, np.float32)).ravel() for x in jax.tree.leaves(tree)]
+  want = np.sqrt(sum(np.sum(x ** 2) for x in leaves))
+  tree = jax.tree.map(jnp.asarray, tree)
+  np.testing.assert_allclose(float(jax.jit(train.global_norm)(tree)), want, rtol=1e-6)
+  tree['b'] = tree['b'].at[2].set(jnp.nan)
+  assert np.isnan(float(train.global_norm(tree)))
