@@ -40,7 +40,8 @@ class CODIS(nn.Module):
         dtype, c.remat, impl, c.get('pad_image_tokens', 0))
     text_common = dict(num_heads=c.text_heads, mlp_dim=c.text_mlp_dim, eps=c.text_ln_eps,
                        dropout=c.dropout, deterministic=not self.train, dtype=dtype,
-                       remat=c.remat, attention_impl=impl)
+                       remat=c.remat, attention_impl=impl,
+                       pad_tokens_to=c.get('pad_text_tokens', 0))
     self.embeddings = bert.BertEmbeddings(
         c.vocab_size, c.text_width, c.max_positions, c.type_vocab_size, c.text_ln_eps,
         c.dropout, not self.train, dtype)

@@ -98,6 +98,11 @@ def layer_norm(eps, dtype, name):
       name=name)
 
 
+def padding_to(n: int, multiple: int) -> int:
+  """How many tokens pad n up to a multiple of `multiple` (0 when multiple <= 1)."""
+  return -n % multiple if multiple > 1 else 0
+
+
 def padding_mask(text_mask):
   """[B, L] 1/0 key mask -> boolean [B, 1, 1, L] for dot_product_attention."""
   return (text_mask > 0)[:, None, None, :]

@@ -69,7 +69,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
     x = layers.constrain(x + pos.astype(x.dtype), ('act_batch', 'act_len', 'act_embed'))
     n = x.shape[1]
-    padded = -(-n // self.pad_tokens_to) * self.pad_tokens_to if self.pad_tokens_to > 1 else n
+    padded = n + layers.padding_to(n, self.pad_tokens_to)
     x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0)))
     block = layers.maybe_remat(ViTBlock, self.remat)
     for i in range(self.depth):
