@@ -195,12 +195,16 @@ def apply_overrides(config, items):
 def make_config(name: str, batch: int, dtype: str = '', remat: str = '',
                 attention: str = '', overrides=()):
   """pretrain.py's `name` variant at global batch `batch` (0: the config's); '' keeps the
-  config's dtype / remat / attention; `overrides`: more 'a.b=value' settings."""
+  config's dtype / remat / attention; `overrides`: more 'a.b=value' settings, where a
+  `batch_size=N` wins over `batch` (one variant of a run at another batch)."""
   config = apply_overrides(pretrain.get_config(name), overrides)
+  if any(o.partition('=')[0].strip() == 'batch_size' for o in overrides):
+    batch = config.batch_size
   if batch:
     config.batch_size = batch
-    # Keep the paper's queue length whenever the batch tiles it; else the largest that does.
-    config.queue_size -= config.queue_size % batch
+    # Keep the paper's queue length whenever the batch tiles it; else the largest that does
+    # (at least one batch).
+    config.queue_size = max(batch, config.queue_size - config.queue_size % batch)
     if config.loss.itm_group_size and batch % config.loss.itm_group_size:
       config.loss.itm_group_size = 0  # a small benchmark batch is one ITM group
   if dtype:

@@ -44,6 +44,10 @@ def test_overrides_parse_as_the_values_they_replace():
                                               'optim.lr=0.25', 'model.dtype=bfloat16'])
   assert (c.model.share_image_kv, c.loss.ipot_iters, c.optim.lr, c.model.dtype) == (
       False, 7, 0.25, 'bfloat16')
+  # batch_size in a variant wins over the run's batch, with the queue cut to a multiple.
+  c = bench.make_config('tiny', 8, overrides=['batch_size=24'])
+  assert (c.batch_size, c.queue_size) == (24, 24)
+  assert bench.make_config('tiny', 64).queue_size == 64  # never empty (tiny's is 32)
   for bad, match in (('model.nosuch=1', "no key 'model.nosuch'"),
                      ('loss.ipot_iters=many', 'takes a int'),
                      ('model.share_image_kv=yes', 'takes true or false'),
