@@ -275,6 +275,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
       compile_s=compile_s, step_s=step_s, pairs_per_s=b / step_s,
       gflops_per_pair=flops / b / 1e9, compiled_gflops_per_pair=xla_flops / b / 1e9,
       ipot_share=ipot_s / step_s, first_loss=first_loss,
+      skipped=int(holder['carry'][1]['skipped']),  # steps the guard refused (non-finite)
       temp_gib=mem.temp_size_in_bytes / 2**30 if mem else float('nan'),
       args_gib=mem.argument_size_in_bytes / 2**30 if mem else float('nan'))
   if peak:

@@ -1,5 +1,7 @@
 """The step benchmark runs, and its model FLOPs agree with XLA's own CPU count."""
 
+import math
+
 import pytest
 
 from codis_jax import bench
@@ -14,6 +16,15 @@ def test_bench_tiny_model_flops_agree_with_xla_cpu_cost_analysis():
   # a missing backward pass (2/3 of the matmuls) would put it near 0.26.
   ratio = r['gflops_per_pair'] / r['compiled_gflops_per_pair']
   assert 0.6 < ratio < 1.0, ratio
+  assert r['skipped'] == 0
+
+
+def test_bench_times_the_guarded_step():
+  """The benchmark runs the step as the loop does, inside the non-finite guard: a first
+  update that sends the weights to 1e30 makes the next loss non-finite, and the guard
+  refuses that update (and, halted, every later one)."""
+  r = bench.bench_config('tiny', batch=8, steps=2, overrides=['optim.warmup_lr=1e30'])
+  assert r['skipped'] >= 1 and math.isfinite(r['first_loss'])
 
 
 def test_state_cache_shares_one_fresh_state_across_performance_variants():
