@@ -194,13 +194,22 @@ def _trip_count(ins: Instr) -> int:
   return int(m.group(1))
 
 
+def _branches(ins: Instr) -> list:
+  m = re.search(r'branch_computations=\{([^}]*)\}', ins.attrs)
+  if m:
+    return re.findall(r'%([\w.\-]+)', m.group(1))
+  return [re.search(key + r'=%([\w.\-]+)', ins.attrs).group(1)
+          for key in ('true_computation', 'false_computation')]
+
+
 def kernels(hlo_text: str) -> list:
   """The kernels one run of the program launches, as [Kernel] (while bodies unrolled by
-  their trip counts into `count`)."""
+  their trip counts into `count`). A conditional runs one branch, which the text does not
+  say: the branch that moves the most bytes is counted (for a guard's `cond(ok, update,
+  keep)`, the update)."""
   comps, entry = parse(hlo_text)
-  out = []
 
-  def walk(comp_name, count):
+  def walk(comp_name, count, out):
     types = {i.name: i.arrays for i in comps[comp_name]}
     names = {}  # JAX op path per instruction; XLA-made ones take a named operand's
     for ins in comps[comp_name]:
@@ -213,10 +222,15 @@ def kernels(hlo_text: str) -> list:
       if ins.op == 'while':
         n = count * _trip_count(ins)
         for key in ('condition', 'body'):
-          walk(re.search(key + r'=%([\w.\-]+)', ins.attrs).group(1), n)
+          walk(re.search(key + r'=%([\w.\-]+)', ins.attrs).group(1), n, out)
         continue
       if ins.op in ('call', 'async-start'):
-        walk(re.search(r'(?:to_apply|calls)=%([\w.\-]+)', ins.attrs).group(1), count)
+        walk(re.search(r'(?:to_apply|calls)=%([\w.\-]+)', ins.attrs).group(1), count, out)
+        continue
+      if ins.op == 'conditional':
+        taken = [walk(b, count, []) for b in _branches(ins)]
+        out.extend(max(taken, key=lambda ks: (sum(k.count * k.bytes for k in ks),
+                                              sum(k.count * k.flops for k in ks))))
         continue
       target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
       kind = target.group(1) if target else ins.op
@@ -238,9 +252,9 @@ def kernels(hlo_text: str) -> list:
         flops = _attention_flops(ins, types)
       out.append(Kernel(ins.name, ins.op, kind, names[ins.name], flops, read + written,
                         count, f32))
+    return out
 
-  walk(entry, 1)
-  return out
+  return walk(entry, 1, [])
 
 
 @dataclasses.dataclass(frozen=True)

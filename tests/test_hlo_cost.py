@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -118,6 +119,28 @@ def test_cpu_compiled_program_flops_and_loop_counts():
   # The first matmul's kernel reads x and w and writes [m, n], all float32.
   first = [k for k in ks if k.flops and k.count == 1]
   assert len(first) == 1 and first[0].bytes == (m * n + n * n + m * n) * 4
+
+
+def test_conditional_counts_the_branch_that_moves_most():
+  """A real XLA:CPU compile of cond(p, tanh(x @ w), x): one branch runs; the costlier one
+  (the matmul's) is counted, not the conditional as one kernel over all its operands."""
+  m, n = 32, 16
+
+  def f(p, x, w):
+    return jax.lax.cond(p, lambda: jnp.tanh(x @ w), lambda: x)
+
+  text = jax.jit(f).lower(jax.ShapeDtypeStruct((), jnp.bool_),
+                          jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          jax.ShapeDtypeStruct((n, n), jnp.float32)).compile().as_text()
+  assert 'conditional(' in text
+  ks = hlo_cost.kernels(text)
+  assert 'conditional' not in {k.op for k in ks}
+  assert sum(k.flops for k in ks) == 2 * m * n * n
+  for cheap_first in (True, False):  # whichever order the branches come in
+    swapped = text if cheap_first else re.sub(
+        r'branch_computations=\{(%[\w.\-]+), (%[\w.\-]+)\}',
+        r'branch_computations={\2, \1}', text)
+    assert sum(k.flops for k in hlo_cost.kernels(swapped)) == 2 * m * n * n
 
 
 def test_unknown_trip_count_and_missing_entry_are_clear_errors():
