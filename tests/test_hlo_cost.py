@@ -47,9 +47,16 @@ HloModule jit_step, is_scheduled=true
   ROOT %out = (s32[], f32[64,256]{1,0}) tuple(%i, %tanh_fusion)
 }
 
+%fused_lt (param_0.3: s32[]) -> pred[] {
+  %param_0.3 = s32[] parameter(0)
+  %c3 = s32[] constant(3)
+  ROOT %lt = pred[] compare(%param_0.3, %c3), direction=LT
+}
+
 %cond (arg.1: (s32[], f32[64,256])) -> pred[] {
   %arg.1 = (s32[], f32[64,256]{1,0}) parameter(0)
-  ROOT %p = pred[] constant(true)
+  %i.1 = s32[] get-tuple-element(%arg.1), index=0
+  ROOT %lt_fusion = pred[] fusion(%i.1), kind=kLoop, calls=%fused_lt
 }
 
 ENTRY %main (p0: bf16[64,128], p1: bf16[128,256], queue: f32[1000,256], ptr: s32[]) -> f32[1000,256] {
@@ -82,7 +89,8 @@ def test_gpu_style_hlo_kernels_by_hand():
   assert ks['new'].bytes == 64 * 256 * 2 + 4 + 64 * 256 * 4
   # No metadata: named after its first operand that has a name (the GEMM, through the gte).
   assert ks['new'].op_name == 'jit(step)/dense/dot_general'
-  # The while body runs its trip count; the condition has no kernels.
+  # The while body runs its trip count; with a known trip count XLA:GPU never runs the
+  # condition (lt_fusion is not a launch).
   assert ks['tanh_fusion'].count == 3 and ks['tanh_fusion'].bytes == 2 * 64 * 256 * 4
 
 
