@@ -101,10 +101,24 @@ def model_flops(config, tx, state, batch, rng) -> int:
                          state, batch, rng)
 
 
+def make_tx(config):
+  """The AdamW of `config`'s schedule (at least 1,000 steps long)."""
+  return state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
+
+
 def init_state(config):
   """(AdamW, a fresh train state) for `config`."""
-  tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
+  tx = make_tx(config)
   return tx, jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+
+
+def loop_step(config, tx, state, guarded=True):
+  """(step, its first argument): the train step as the training loop runs it, inside the
+  non-finite guard, with the carry (state, guard); guarded=False: the bare step, state."""
+  step = train.make_train_step(config, tx, steps_per_epoch=1000)
+  if not guarded:
+    return step, state
+  return guard.guard_step(step), (state, guard.init_guard())
 
 
 # Model knobs that change how the step computes, not the train state it starts from.
@@ -231,10 +245,8 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
   b = config.batch_size
   tx, state = init(config)
   _log(f'{name}: train state initialised')
-  # The step as the training loop runs it: inside the non-finite guard.
-  step = jax.jit(guard.guard_step(train.make_train_step(config, tx, steps_per_epoch=1000)),
-                 donate_argnums=0)
-  carry = (state, jax.device_put(guard.init_guard()))
+  step, carry = loop_step(config, tx, state)
+  step, carry = jax.jit(step, donate_argnums=0), jax.device_put(carry)
   batch_arrays = jax.device_put(synthetic_batch(config, b))
   rng = jax.random.key(1)
 

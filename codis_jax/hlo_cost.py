@@ -15,7 +15,6 @@ which kernels and how many bytes a change removes, not a measurement.
 """
 
 import dataclasses
-import json
 import math
 import re
 
@@ -287,17 +286,21 @@ def device_for(device_kind: str):
   return None
 
 
+def _peak(k: Kernel, device: Device) -> float:
+  return device.f32_matmul_flops if k.f32_matmul else device.bf16_flops
+
+
 def roofline_seconds(k: Kernel, device: Device) -> float:
   """Time of all of k's launches if each ran at the device's compute or memory limit."""
-  peak = device.f32_matmul_flops if k.f32_matmul else device.bf16_flops
-  return k.count * (max(k.flops / peak, k.bytes / device.bandwidth) + device.launch_s)
+  return k.count * (max(k.flops / _peak(k, device), k.bytes / device.bandwidth)
+                    + device.launch_s)
 
 
 def summary(ks: list, device: Device) -> dict:
   """Totals of one program run: launches, FLOPs, bytes, and the roofline time with its
   compute-bound and memory-bound parts."""
-  peak = lambda k: device.f32_matmul_flops if k.f32_matmul else device.bf16_flops
-  bound = [(k.count * k.flops / peak(k), k.count * k.bytes / device.bandwidth) for k in ks]
+  bound = [(k.count * k.flops / _peak(k, device), k.count * k.bytes / device.bandwidth)
+           for k in ks]
   return dict(
       launches=sum(k.count for k in ks),
       flops=sum(k.count * k.flops for k in ks),
@@ -319,6 +322,3 @@ def group_by(ks: list, key, device: Device) -> list:
     g[3] += roofline_seconds(k, device)
   return sorted(((name, *v) for name, v in groups.items()), key=lambda r: -r[4])
 
-
-def to_json(ks: list) -> str:
-  return json.dumps([dataclasses.asdict(k) for k in ks])

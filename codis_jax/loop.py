@@ -290,7 +290,8 @@ def train(config, workdir, evaluate=None) -> Result:
           if g['skipped'] > skipped:
             skipped = g['skipped']
             log.warning('%d non-finite updates skipped so far (last: step %d: %s)',
-                        g['skipped'], g['bad_step'], guard_lib.bad_terms(step_fn.names, g['bad_terms']))
+                        g['skipped'], g['bad_step'],
+                        guard_lib.bad_terms(step_fn.names, g['bad_terms']))
         # Several hosts must stop at the same step: JAX's preemption sync point decides.
         stop = (ckpt.reached_preemption(step) if jax.process_count() > 1
                 else preempt.flag)

@@ -30,10 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from codis_jax import bench  # noqa: E402
-from codis_jax import guard  # noqa: E402
 from codis_jax import hlo_cost  # noqa: E402
 from codis_jax import state as state_lib  # noqa: E402
-from codis_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -102,7 +100,7 @@ def compile_only_device(target: str):
 def step_args(config):
   """(optimizer, state, batch, rng) of `config`'s train step as shapes: nothing is
   initialised or allocated."""
-  tx = state_lib.make_optimizer(config.optim, max(config.total_steps, 1000))
+  tx = bench.make_tx(config)
   state = jax.eval_shape(lambda r: state_lib.create_train_state(config, r, tx),
                          jax.random.key(0))
   batch = jax.eval_shape(lambda: jax.tree.map(
@@ -112,14 +110,12 @@ def step_args(config):
 
 def compile_step_hlo(config, tx, args, device, guarded=True):
   """(optimised HLO text, memory analysis) of `config`'s train step on `device`; guarded:
-  inside `guard.guard_step`, as the training loop runs it."""
+  inside the non-finite guard, as the training loop runs it (`bench.loop_step`)."""
   state, batch, rng = args
-  step = train.make_train_step(config, tx, steps_per_epoch=1000)
-  if guarded:
-    step, state = guard.guard_step(step), (state, guard.init_guard())
+  step, carry = bench.loop_step(config, tx, state, guarded)
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      (state, batch, rng))
+                      (carry, batch, rng))
   step = jax.jit(step, donate_argnums=0)
   compiled = step.lower(*args).compile(
       compiler_options={'xla_gpu_enable_triton_gemm': False})  # no autotuner to pick tiles

@@ -69,12 +69,12 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
     x = layers.constrain(x + pos.astype(x.dtype), ('act_batch', 'act_len', 'act_embed'))
     n = x.shape[1]
-    padded = n + layers.padding_to(n, self.pad_tokens_to)
-    x = jnp.pad(x, ((0, 0), (0, padded - n), (0, 0)))
+    extra = layers.padding_to(n, self.pad_tokens_to)
+    x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
     block = layers.maybe_remat(ViTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.eps, self.dtype, self.attention_impl,
-                n if padded > n else None, name=f'blocks_{i}')(x)
+                n if extra else None, name=f'blocks_{i}')(x)
     return layers.layer_norm(self.eps, self.dtype, 'norm')(x[:, :n])
 
 
