@@ -57,18 +57,19 @@ def _define_flags():
                     "(pairs/s at the configs' image sizes) to set beside the step.")
 
 
-# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), by JAX device kind: TPU
+# v5e is 'TPU v5 lite', v5p 'TPU v5', v6e 'TPU v6 lite'.
 PEAK_FLOPS = {
     'A100': 312e12, 'H100': 989e12, 'H200': 989e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12,
 }
 
 
 def device_peak_flops(device) -> float | None:
-  kind = device.device_kind
-  for name, peak in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak
+  kind = device.device_kind.lower()
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
+    if name.lower() in kind:
+      return PEAK_FLOPS[name]
   return None
 
 

@@ -65,3 +65,13 @@ def test_overrides_parse_as_the_values_they_replace():
                      ('model=1', 'KEY=VALUE'), ('loss.ipot_iters', 'KEY=VALUE')):
     with pytest.raises(ValueError, match=match):
       bench.make_config('tiny', 8, overrides=[bad])
+
+
+@pytest.mark.parametrize('kind,peak', [
+    ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
+    ('TPU v6 lite', 918e12), ('cpu', None)])
+def test_peak_flops_by_device_kind(kind, peak):
+  # JAX's kinds: v5e is 'TPU v5 lite' and v5p plain 'TPU v5' (a prefix of v5e's).
+  device = type('Device', (), {'device_kind': kind})()
+  assert bench.device_peak_flops(device) == peak
