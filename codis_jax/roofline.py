@@ -108,18 +108,17 @@ def step_args(config):
   return tx, state, batch, jax.eval_shape(lambda: jax.random.key(1))
 
 
-def compile_step_hlo(config, tx, args, device, guarded=True):
-  """(optimised HLO text, memory analysis) of `config`'s train step on `device`; guarded:
-  inside the non-finite guard, as the training loop runs it (`bench.loop_step`)."""
+def compile_step(config, tx, args, device, guarded=True, compiler_options=None):
+  """`config`'s train step compiled for `device` (any compile-only device: this GPU's, or
+  a TPU's in `tpu_aot`); guarded: inside the non-finite guard, as the training loop runs it
+  (`bench.loop_step`). args: (state, batch, rng) as shapes (`step_args`)."""
   state, batch, rng = args
   step, carry = bench.loop_step(config, tx, state, guarded)
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       (carry, batch, rng))
-  step = jax.jit(step, donate_argnums=0)
-  compiled = step.lower(*args).compile(
-      compiler_options={'xla_gpu_enable_triton_gemm': False})  # no autotuner to pick tiles
-  return compiled.as_text(), compiled.memory_analysis()
+  return jax.jit(step, donate_argnums=0).lower(*args).compile(
+      compiler_options=compiler_options)
 
 
 def part(k: hlo_cost.Kernel) -> str:
@@ -170,7 +169,9 @@ def main(argv):
     overrides = [v for v in variant.split(',') if v]
     config = bench.make_config(FLAGS.config, FLAGS.batch, FLAGS.dtype, overrides=overrides)
     tx, *args = step_args(config)
-    text, mem = compile_step_hlo(config, tx, args, gpu, FLAGS.guard)
+    compiled = compile_step(config, tx, args, gpu, FLAGS.guard,  # no autotuner to pick tiles:
+                            compiler_options={'xla_gpu_enable_triton_gemm': False})
+    text, mem = compiled.as_text(), compiled.memory_analysis()
     if FLAGS.save_hlo:
       os.makedirs(FLAGS.save_hlo, exist_ok=True)
       with open(os.path.join(FLAGS.save_hlo, f'{variant or "default"}.hlo.txt'), 'w') as f:
