@@ -73,11 +73,12 @@ def device_peak_flops(device) -> float | None:
   return None
 
 
-def _xla_flops(compiled) -> float:
+def xla_cost(compiled) -> dict:
+  """XLA's `cost_analysis()` of a compiled program as one dict ({} when it has none)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0]
-  return float(cost.get('flops', 0.0)) if cost else 0.0
+  return cost or {}
 
 
 def _log(msg):
@@ -255,7 +256,7 @@ def bench_config(name: str, batch: int, steps: int, dtype: str = '', remat: str 
   compiled = step.lower(carry, batch_arrays, rng).compile()
   compile_s = time.perf_counter() - t0
   _log(f'{name}: step compiled in {compile_s:.1f} s')
-  xla_flops = _xla_flops(compiled)
+  xla_flops = float(xla_cost(compiled).get('flops', 0.0))
   flops = model_flops(config, tx, state, batch_arrays, rng)
   _log(f'{name}: model FLOPs counted')
   mem = compiled.memory_analysis()

@@ -13,7 +13,7 @@ try to start a TPU. For each target and variant this reports:
   fusion's operands and outputs: HBM traffic); the step cannot run faster than the FLOPs
   at the chip's peak or the bytes at its HBM bandwidth, which bounds MFU from above.
 It is a bound, not a measurement. (XLA:TPU's `optimal_seconds` estimate is not used:
-libtpu 0.0.42 returns negative values for this step, -1,210 s for the paper config on
+libtpu 0.0.42 returns negative values for this step, -1,211 s for the paper config on
 v5e and -4 s for the tiny one on v6e.)
 """
 
@@ -67,11 +67,6 @@ def compile_only_device(target: str):
   return topo.devices[0]
 
 
-def cost(compiled) -> dict:
-  c = compiled.cost_analysis()
-  return c[0] if isinstance(c, (list, tuple)) else c  # older JAX: one dict per computation
-
-
 def floor_seconds(flops: float, nbytes: float, peak: float, chip: Chip) -> float:
   """A lower bound on the step time from XLA's counts: all FLOPs at peak, or all bytes
   (each fusion's operands and outputs) at the datasheet HBM bandwidth. It assumes those
@@ -85,7 +80,7 @@ def report(target: str, variant: str, config, compiled, model_flops: float,
   mem = compiled.memory_analysis()
   used = mem.argument_size_in_bytes + mem.temp_size_in_bytes
   gib = lambda b: b / 2**30
-  c = cost(compiled)
+  c = bench.xla_cost(compiled)
   flops, nbytes = float(c.get('flops', 0)), float(c.get('bytes accessed', 0))
   floor = floor_seconds(flops, nbytes, peak, chip)
   row = dict(target=target, variant=variant or 'as configured', batch=config.batch_size,
