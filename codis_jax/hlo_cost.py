@@ -1,12 +1,15 @@
 """Kernel-by-kernel cost of a compiled XLA program, read from its optimised HLO text.
 
 Every instruction of the entry computation that is not bookkeeping (parameter, tuple,
-bitcast, ...) is one kernel launch; a while loop's body counts `known_trip_count` times
-(its condition is not run).
-For each kernel: FLOPs of its matmuls and convolutions, and the bytes it moves through
-device memory (operands read plus results written). A fusion reads only the slices it
-takes of an operand, and a dynamic-update-slice fusion writes only its update in place,
-as XLA's own GPU cost model counts them.
+bitcast, ...) is one kernel launch; a while loop's body counts its trip count of times
+(XLA:GPU's `known_trip_count`, or XLA:TPU's `i < N` condition; the condition is not run).
+For each kernel: FLOPs of its matmuls and convolutions (and of Pallas kernels, from their
+cost estimates), and the bytes it moves through device memory (operands read plus results
+written). A fusion reads only the slices it takes of an operand, and a
+dynamic-update-slice fusion writes only its update in place, as XLA's own GPU cost model
+counts them. On TPUs arrays are stored tile by tile (each tiled dimension rounded up to
+its tile), and buffers that XLA:TPU placed in on-chip memory (VMEM) move no HBM bytes;
+its async copies between HBM and VMEM move their destination's size.
 
 `roofline_seconds` turns one kernel into time on a device: max(compute at peak, bytes at
 peak bandwidth) plus a fixed launch cost. Summed over a step it is an estimate of what
@@ -18,25 +21,41 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 _DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1,
                 'f8e5m2': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4,
                 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
-_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\](?:\{([^}]*)\})?')
 # Instructions that launch nothing: they name, regroup or reinterpret existing buffers.
 _FREE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
          'partition-id', 'replica-id', 'opt-barrier', 'add-dependency'}
 _ASYNC_DONE = re.compile(r'-(done|update)$')
 _SLICES = {'slice', 'dynamic-slice'}
+# Async copies: where the destination sits in the flattened result tuple.
+_ASYNC_COPIES = {'copy-start': 0, 'slice-start': 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Array:
   dtype: str
   shape: tuple
+  minor_to_major: tuple = ()  # the layout, where the HLO text gives one
+  tile: tuple = ()            # XLA:TPU: the layout's first tile, over the most-minor dims
+  space: int = 0              # memory space: 0 is device memory (HBM); XLA:TPU's S(1)
+                              # is on-chip VMEM, S(2)/S(6) sync flags and scalar memory
 
   @property
   def bytes(self) -> int:
-    return int(math.prod(self.shape) * _DTYPE_BYTES[self.dtype])
+    """Bytes the array takes in device memory: each tiled dimension rounded up to its
+    tile (TPU arrays are stored tile by tile), none when it lives in on-chip memory."""
+    if self.space:
+      return 0
+    shape = list(self.shape)
+    if self.tile and len(self.minor_to_major) == len(shape):
+      for dim, size in zip(self.minor_to_major, reversed(self.tile)):
+        shape[dim] = -(-shape[dim] // size) * size
+    return int(math.prod(shape) * _DTYPE_BYTES[self.dtype])
 
 
 @dataclasses.dataclass
@@ -62,10 +81,19 @@ class Kernel:
   f32_matmul: bool  # matmul with float32 operands (TF32 on NVIDIA GPUs)
 
 
+def _array(dtype: str, dims: str, layout: str) -> Array:
+  shape = tuple(int(d) for d in dims.split(',') if d)
+  order, _, rest = layout.partition(':')
+  tile = re.match(r'T\(([\d,]+)\)', rest)
+  space = re.search(r'S\((\d+)\)', rest)
+  return Array(dtype, shape, tuple(int(d) for d in order.split(',') if d),
+               tuple(int(t) for t in tile.group(1).split(',')) if tile else (),
+               int(space.group(1)) if space else 0)
+
+
 def arrays(type_text: str) -> list:
-  """'(bf16[2,3]{1,0}, s8[64]{0})' -> [Array('bf16', (2, 3)), Array('s8', (64,))]."""
-  return [Array(dt, tuple(int(d) for d in dims.split(',') if d))
-          for dt, dims in _ARRAY.findall(type_text) if dt in _DTYPE_BYTES]
+  """'(bf16[2,3]{1,0}, s8[64]{0})' -> [Array('bf16', (2, 3), (1, 0)), Array('s8', (64,), (0,))]."""
+  return [_array(*m) for m in _ARRAY.findall(type_text) if m[0] in _DTYPE_BYTES]
 
 
 def _closing(text: str, start: int) -> int:
@@ -128,11 +156,37 @@ def _matmul_flops(out: Array, lhs: Array, attrs: str) -> float:
   return 2.0 * math.prod(out.shape) * k
 
 
-def _conv_flops(out: Array, kernel: Array, attrs: str) -> float:
-  # dim_labels=b01f_01io->b01f: 'o' marks the kernel's output-feature dimension.
-  m = re.search(r'dim_labels=\w+_(\w+)->', attrs)
-  o = kernel.shape[m.group(1).index('o')] if m else kernel.shape[-1]
-  return 2.0 * math.prod(out.shape) * math.prod(kernel.shape) / o
+def _window(attrs: str, key: str, rank: int) -> list:
+  m = re.search(r'\b' + key + r'=([\d_x-]+)', attrs)
+  return m.group(1).split('x') if m else [None] * rank
+
+
+def _taps(n: int, m: int, size: int, stride: int, lo: int, base: int, rate: int) -> int:
+  """Multiply-adds along one spatial dimension, summed over its m output positions: the
+  window taps that land on one of the n input elements, not on padding or on the holes
+  of a base (lhs) dilation. XLA:TPU writes batched matmuls as such convolutions."""
+  p = np.arange(m)[:, None] * stride + np.arange(size)[None, :] * rate - lo
+  return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * base) & (p % base == 0)))
+
+
+def _conv_flops(out: Array, lhs: Array, kernel: Array, attrs: str) -> float:
+  # dim_labels=b01f_01io->b01f: digits are spatial dimensions, 'i' the kernel's input
+  # features (per group), 'b' and 'f' the output's batch and features.
+  m = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', attrs)
+  if m is None:  # no spatial dimensions written: a plain 1x1 convolution
+    return 2.0 * math.prod(out.shape) * math.prod(kernel.shape) / kernel.shape[-1]
+  lhs_l, ker_l, out_l = m.groups()
+  digits = sorted(c for c in out_l if c.isdigit())
+  size, stride, pad, base, rate = (_window(attrs, k, len(digits)) for k in
+                                   ('size', 'stride', 'pad', 'lhs_dilate', 'rhs_dilate'))
+  macs = out.shape[out_l.index('b')] * out.shape[out_l.index('f')]
+  macs *= kernel.shape[ker_l.index('i')]
+  for j, d in enumerate(digits):
+    macs *= _taps(lhs.shape[lhs_l.index(d)], out.shape[out_l.index(d)],
+                  kernel.shape[ker_l.index(d)], int(stride[j] or 1),
+                  int(pad[j].split('_')[0]) if pad[j] else 0, int(base[j] or 1),
+                  int(rate[j] or 1))
+  return 2.0 * macs
 
 
 def _attention_flops(ins: Instr, types: dict) -> float:
@@ -159,7 +213,8 @@ def _fusion_cost(ins: Instr, comps: dict, types: dict):
       flops += _matmul_flops(i.arrays[0], lhs, i.attrs)
       f32 |= lhs.dtype == 'f32'
     elif i.op == 'convolution':
-      flops += _conv_flops(i.arrays[0], local[i.operands[1]][0], i.attrs)
+      flops += _conv_flops(i.arrays[0], local[i.operands[0]][0], local[i.operands[1]][0],
+                            i.attrs)
   params = {int(i.args): i for i in called if i.op == 'parameter'}
   root = next(i for i in called if i.root)
   roots = [i for i in called if i.name in root.operands] if root.op == 'tuple' else [root]
@@ -187,11 +242,26 @@ def _fusion_cost(ins: Instr, comps: dict, types: dict):
   return flops, read, written, f32
 
 
-def _trip_count(ins: Instr) -> int:
+def _trip_count(ins: Instr, comps: dict, local: dict) -> int:
+  """Runs of a while body: XLA:GPU writes `known_trip_count`; XLA:TPU does not, so it is
+  read from a condition `i < N` on a tuple element that starts at a constant (local: the
+  calling computation's instructions by name)."""
   m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-  if m is None:
-    raise ValueError(f'while loop {ins.name} has no known trip count in its backend_config')
-  return int(m.group(1))
+  if m is not None:
+    return int(m.group(1))
+  cond = {i.name: i for i in comps[re.search(r'condition=%([\w.\-]+)', ins.attrs).group(1)]}
+  root = next(i for i in cond.values() if i.root)
+  init = local.get(ins.operands[0]) if ins.operands else None
+  if root.op == 'compare' and 'direction=LT' in root.attrs and init and init.op == 'tuple':
+    counter, bound = (cond.get(o) for o in root.operands)
+    if (counter and bound and counter.op == 'get-tuple-element' and bound.op == 'constant'):
+      start = local.get(init.operands[int(re.search(r'index=(\d+)', counter.attrs).group(1))])
+      while start is not None and start.op == 'copy':
+        start = local.get(start.operands[0])
+      if start is not None and start.op == 'constant':
+        return max(int(bound.args) - int(start.args), 0)
+  raise ValueError(f'while loop {ins.name} has no known trip count in its backend_config '
+                   'and no `counter < constant` condition')
 
 
 def _branches(ins: Instr) -> list:
@@ -210,7 +280,8 @@ def kernels(hlo_text: str) -> list:
   comps, entry = parse(hlo_text)
 
   def walk(comp_name, count, out):
-    types = {i.name: i.arrays for i in comps[comp_name]}
+    local = {i.name: i for i in comps[comp_name]}
+    types = {n: i.arrays for n, i in local.items()}
     names = {}  # JAX op path per instruction; XLA-made ones take a named operand's
     for ins in comps[comp_name]:
       m = re.search(r'op_name="([^"]*)"', ins.attrs)
@@ -222,7 +293,7 @@ def kernels(hlo_text: str) -> list:
       if ins.op == 'while':
         # With a known trip count XLA:GPU runs the body that many times and never the
         # condition (its WhileThunk; no predicate goes back to the host).
-        walk(re.search(r'body=%([\w.\-]+)', ins.attrs).group(1), count * _trip_count(ins),
+        walk(re.search(r'body=%([\w.\-]+)', ins.attrs).group(1), count * _trip_count(ins, comps, local),
              out)
         continue
       if ins.op in ('call', 'async-start'):
@@ -241,6 +312,13 @@ def kernels(hlo_text: str) -> list:
       flops, f32 = 0.0, False
       read = sum(a.bytes for o in ins.operands for a in types.get(o, []))
       written = sum(a.bytes for a in result)
+      if ins.op in _ASYNC_COPIES:
+        # XLA:TPU's copies between HBM and VMEM: the result tuple holds the destination
+        # beside aliases of the source and a sync flag; only the destination's size moves.
+        dest = result[_ASYNC_COPIES[ins.op]]
+        source_in_hbm = all(a.space == 0 for o in ins.operands for a in types.get(o, []))
+        read = dataclasses.replace(dest, space=0).bytes if source_in_hbm else 0
+        written = dest.bytes
       if ins.op == 'fusion':
         kind = re.search(r'kind=(\w+)', ins.attrs).group(1)
         flops, read, written, f32 = _fusion_cost(ins, comps, types)
@@ -248,9 +326,12 @@ def kernels(hlo_text: str) -> list:
         lhs = types[ins.operands[0]][0]
         flops, f32 = _matmul_flops(result[0], lhs, ins.attrs), lhs.dtype == 'f32'
       elif ins.op == 'convolution' or (target and 'conv' in kind):
-        flops = _conv_flops(result[0], types[ins.operands[1]][0], ins.attrs)
+        flops = _conv_flops(result[0], types[ins.operands[0]][0], types[ins.operands[1]][0],
+                            ins.attrs)
       elif target and 'fmha' in kind.lower():
         flops = _attention_flops(ins, types)
+      elif target and '"cost_estimate":{"flops":"' in ins.attrs:  # a Pallas kernel's own
+        flops = float(re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.attrs).group(1))
       out.append(Kernel(ins.name, ins.op, kind, names[ins.name], flops, read + written,
                         count, f32))
     return out

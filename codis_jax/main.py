@@ -97,6 +97,10 @@ def train_mode(config, workdir):
   import jax  # pylint: disable=import-outside-toplevel
   from codis_jax import loop, metrics_log, pretrain_eval  # pylint: disable=import-outside-toplevel
 
+  if config.model.attention_impl == 'pallas' and jax.default_backend() != 'tpu':
+    raise ValueError("config.model.attention_impl='pallas' is the TPU attention kernel; "
+                     f"this run's devices are {jax.default_backend()}: use '' or 'xla' "
+                     "('cudnn' on GPUs)")
   has_set = pretrain_eval.has_retrieval_set(config)
   evaluate = None
   if config.eval.every_steps and has_set:

@@ -1,20 +1,23 @@
-"""The train step compiled for a TPU chip on a machine without one: memory per chip, and a
-floor on the step time from XLA:TPU's own FLOP and byte counts.
+"""The train step compiled for a TPU chip on a machine without one: memory per chip, the
+step's HBM traffic kernel by kernel, and the floor on the step time they give.
 
   PYTHONPATH=.tpu_aot python -m codis_jax.tpu_aot                      # paper, batch 64, v5e
-  PYTHONPATH=.tpu_aot python -m codis_jax.tpu_aot --target=v6e --variant= --variant=model.remat=dots
+  PYTHONPATH=.tpu_aot python -m codis_jax.tpu_aot --target=v6e --variant= \
+      --variant=model.attention_impl=pallas
 
 libtpu compiles for a compile-only TPU topology (as MaxText's train_compile does); it lives
 in .tpu_aot (put there by `launch/setup.sh`), not in .venv, where every JAX program would
 try to start a TPU. For each target and variant this reports:
 - the compiled step's memory on one chip: arguments (params, AdamW moments, EMA teacher,
   queues, batch) and temporaries, against the chip's HBM;
-- XLA:TPU's `cost_analysis()` of the compiled step: FLOPs, and bytes accessed (each
-  fusion's operands and outputs: HBM traffic); the step cannot run faster than the FLOPs
-  at the chip's peak or the bytes at its HBM bandwidth, which bounds MFU from above.
-It is a bound, not a measurement. (XLA:TPU's `optimal_seconds` estimate is not used:
-libtpu 0.0.42 returns negative values for this step, -1,211 s for the paper config on
-v5e and -4 s for the tiny one on v6e.)
+- XLA:TPU's `cost_analysis()`: FLOPs, and "bytes accessed", which counts the accesses of
+  buffers XLA keeps in on-chip VMEM too (a dense matmul: 1.8x its operands and result);
+- the bytes the compiled kernels move through HBM (`hlo_cost`: tiled layouts, VMEM
+  buffers left out, HBM<->VMEM copies counted once), part by part. All FLOPs at peak or
+  those bytes at the HBM bandwidth, whichever is longer, is a floor on the step time, so
+  a ceiling on MFU; each kernel at its own bound, summed, is the roofline estimate.
+Bounds, not measurements. (XLA:TPU's `optimal_seconds` estimate is not used: libtpu
+0.0.42 returns negative values for this step, -1,211 s for the paper config on v5e.)
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
 from codis_jax import bench  # noqa: E402
+from codis_jax import hlo_cost  # noqa: E402
 from codis_jax import roofline  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -68,36 +72,46 @@ def compile_only_device(target: str):
 
 
 def floor_seconds(flops: float, nbytes: float, peak: float, chip: Chip) -> float:
-  """A lower bound on the step time from XLA's counts: all FLOPs at peak, or all bytes
-  (each fusion's operands and outputs) at the datasheet HBM bandwidth. It assumes those
-  bytes move through HBM: the paper step's activations are GBs; on-chip VMEM is MiBs."""
+  """A lower bound on the step time: all FLOPs at peak, or all device-memory bytes at the
+  datasheet HBM bandwidth, whichever is longer."""
   return max(flops / peak, nbytes / chip.bandwidth)
 
 
 def report(target: str, variant: str, config, compiled, model_flops: float,
-           peak: float) -> dict:
+           peak: float, top: int = 12) -> dict:
   chip = CHIPS[target]
   mem = compiled.memory_analysis()
   used = mem.argument_size_in_bytes + mem.temp_size_in_bytes
   gib = lambda b: b / 2**30
   c = bench.xla_cost(compiled)
   flops, nbytes = float(c.get('flops', 0)), float(c.get('bytes accessed', 0))
-  floor = floor_seconds(flops, nbytes, peak, chip)
+  # HBM traffic kernel by kernel (hlo_cost): tiled sizes, on-chip VMEM buffers left out.
+  # XLA:TPU's own "bytes accessed" counts VMEM accesses too, so it bounds nothing.
+  ks = hlo_cost.kernels(compiled.as_text())
+  device = hlo_cost.Device(f'TPU {target}', peak, peak, chip.bandwidth, launch_s=0.0)
+  hbm = hlo_cost.summary(ks, device)
+  floor = floor_seconds(flops, hbm['bytes'], peak, chip)
   row = dict(target=target, variant=variant or 'as configured', batch=config.batch_size,
              dtype=config.model.dtype, remat=config.model.remat, jax=jax.__version__,
              args_gib=gib(mem.argument_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
              hbm_gib=gib(chip.hbm_bytes), fits=used <= chip.hbm_bytes, peak_flops=peak,
-             model_flops=model_flops, xla_flops=flops, xla_bytes=nbytes, floor_s=floor,
-             mfu_ceiling=model_flops / floor / peak)
+             model_flops=model_flops, xla_flops=flops, xla_bytes=nbytes,
+             hbm_bytes=hbm['bytes'], matmul_flops=hbm['flops'], floor_s=floor,
+             mfu_ceiling=model_flops / floor / peak, roofline_s=hbm['seconds'],
+             mfu_roofline=model_flops / hbm['seconds'] / peak)
   print(f'\n## TPU {target}, {row["variant"]}: batch {config.batch_size} per chip, '
         f'{config.model.dtype}, remat {config.model.remat}')
   print(f'Memory: {row["args_gib"]:.2f} GiB arguments + {row["temp_gib"]:.2f} GiB '
         f'temporaries = {gib(used):.2f} of {row["hbm_gib"]:.0f} GiB HBM: '
         f'{"fits" if row["fits"] else "DOES NOT FIT"}.')
-  print(f'XLA counts {flops / 1e12:.2f} TFLOPs and {nbytes / 1e9:.1f} GB accessed: at least '
-        f'{1e3 * flops / peak:.1f} ms at peak FLOP/s, {1e3 * nbytes / chip.bandwidth:.1f}'
-        f' ms at HBM bandwidth, so MFU <= {100 * row["mfu_ceiling"]:.1f}% '
-        f'({model_flops / config.batch_size / 1e9:.1f} model GFLOPs per pair).')
+  print(f'XLA counts {flops / 1e12:.2f} TFLOPs and {nbytes / 1e9:.1f} GB accessed (VMEM '
+        f'included); the kernels move {hbm["bytes"] / 1e9:.1f} GB through HBM.')
+  print(f'Floor: {1e3 * flops / peak:.1f} ms at peak FLOP/s, '
+        f'{1e3 * hbm["bytes"] / chip.bandwidth:.1f} ms at HBM bandwidth: MFU <= '
+        f'{100 * row["mfu_ceiling"]:.1f}% ({model_flops / config.batch_size / 1e9:.1f} '
+        f'model GFLOPs per pair).')
+  roofline.report(f'TPU {target} kernels, each at its own bound', ks, device, model_flops,
+                  config.batch_size, top)
   return row
 
 
@@ -109,6 +123,8 @@ def _define_flags():
   flags.DEFINE_multi_string('variant', [''], 'Comma-separated overrides, one compile each.')
   flags.DEFINE_multi_enum('target', ['v5e'], sorted(CHIPS), 'TPU generation(s).')
   flags.DEFINE_string('json', '', 'Append one JSON line per target and variant to this file.')
+  flags.DEFINE_integer('top', 12, 'Rows of the per-part and per-kernel-kind tables.')
+  flags.DEFINE_string('save_hlo', '', 'Write each compiled step\'s HLO text into this folder.')
 
 
 def main(argv):
@@ -123,8 +139,13 @@ def main(argv):
       config = bench.make_config(FLAGS.config, FLAGS.batch, FLAGS.dtype, overrides=overrides)
       tx, *args = roofline.step_args(config)
       compiled = roofline.compile_step(config, tx, args, device)
+      if FLAGS.save_hlo:
+        os.makedirs(FLAGS.save_hlo, exist_ok=True)
+        name = f'{target}-{variant or "default"}.hlo.txt'.replace('/', '_')
+        with open(os.path.join(FLAGS.save_hlo, name), 'w') as f:
+          f.write(compiled.as_text())
       row = report(target, variant, config, compiled, bench.model_flops(config, tx, *args),
-                   peak)
+                   peak, FLAGS.top)
       sys.stdout.flush()
       if FLAGS.json:
         with open(FLAGS.json, 'a') as f:

@@ -42,7 +42,8 @@ def _paper() -> ml_collections.ConfigDict:
       # Performance knobs: compute dtype (params stay float32), remat of encoder
       # layers ('none' | 'full' | 'dots'), and jax.nn.dot_product_attention's
       # implementation ('' = JAX picks, 'xla', or 'cudnn' = flash attention on GPU;
-      # odd lengths such as the paper's 257 and 25 are padded to even for its backward).
+      # odd lengths such as the paper's 257 and 25 are padded to even for its backward),
+      # or 'pallas': this project's TPU kernel (models/tpu_attention.py).
       dtype='float32', remat='none', attention_impl='',
       # The step's fusion rows of one image share its cross-attention keys/values
       # (computed once per image, then gathered); False recomputes them per row.

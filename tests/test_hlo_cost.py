@@ -211,3 +211,84 @@ def test_fusion_root_is_the_marked_instruction_not_the_last_line():
   assert moved != _GPU_HLO
   new = {k.name: k for k in hlo_cost.kernels(moved)}['new']
   assert new.bytes == 64 * 256 * 2 + 4 + 64 * 256 * 4
+
+
+# TPU-style HLO as XLA:TPU writes it: tiled layouts, on-chip (S(1)) buffers, an async
+# copy into VMEM, a batched matmul written as a base-dilated convolution, and a while loop
+# whose trip count is only in its condition (as in the compiled train step's IPOT loop).
+_TPU_HLO = """\
+HloModule jit_step, is_scheduled=true
+
+%fused_scores (param_0: bf16[32,12,2,16], param_1: bf16[32,17,2,16]) -> f32[32,2,12,17] {
+  %param_0 = bf16[32,12,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)S(1)} parameter(1)
+  ROOT %conv = f32[32,2,12,17]{3,2,1,0:T(8,128)} convolution(%param_0, %param_1), window={size=32x2 stride=31x1 lhs_dilate=32x2}, dim_labels=0b1f_0o1i->01bf
+}
+
+%fused_exp (param_0.1: f32[1000]) -> f32[1000] {
+  %param_0.1 = f32[1000]{0:T(1024)} parameter(0)
+  ROOT %e = f32[1000]{0:T(1024)} exponential(%param_0.1)
+}
+
+%body (arg: (s32[], f32[1000])) -> (s32[], f32[1000]) {
+  %arg = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%arg), index=0
+  %x = f32[1000]{0:T(1024)} get-tuple-element(%arg), index=1
+  %exp_fusion = f32[1000]{0:T(1024)} fusion(%x), kind=kLoop, calls=%fused_exp
+  ROOT %out = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) tuple(%i, %exp_fusion)
+}
+
+%cond (arg.1: (s32[], f32[1000])) -> pred[] {
+  %c7 = s32[]{:T(128)} constant(7)
+  %arg.1 = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) parameter(0)
+  %i.1 = s32[]{:T(128)} get-tuple-element(%arg.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i.1, %c7), direction=LT
+}
+
+ENTRY %main (q: bf16[32,12,2,16], k: bf16[32,17,2,16], v: f32[1000]) -> f32[32,2,12,17] {
+  %q = bf16[32,12,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(0)
+  %k = bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(1)
+  %v = f32[1000]{0:T(1024)} parameter(2)
+  %copy-start = (bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)S(1)}, bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%k)
+  %copy-done = bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %c2 = s32[]{:T(128)} constant(2)
+  %start = s32[]{:T(128)} copy(%c2)
+  %t0 = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) tuple(%start, %v)
+  %loop = (s32[]{:T(128)}, f32[1000]{0:T(1024)}) while(%t0), condition=%cond, body=%body
+  ROOT %scores = f32[32,2,12,17]{3,2,1,0:T(8,128)} fusion(%q, %copy-done), kind=kOutput, calls=%fused_scores
+}
+"""
+
+
+def test_tpu_layouts_by_hand():
+  arr = lambda text: hlo_cost.arrays(text)[0]
+  # Tiles round the two most-minor dimensions (by minor_to_major) up to (8, 128).
+  q = arr('bf16[64,257,12,64]{3,1,2,0:T(8,128)(2,1)}')
+  assert q.bytes == 64 * 264 * 12 * 128 * 2
+  assert arr('f32[1000]{0:T(1024)}').bytes == 1024 * 4
+  assert arr('f32[1000,256]{1,0}').bytes == 1000 * 256 * 4  # GPU: no tiles
+  # On-chip memory (VMEM, sync flags) is not device-memory traffic.
+  assert arr('f32[64,256]{1,0:T(8,128)S(1)}').bytes == 0
+  assert arr('u32[]{:S(2)}').bytes == 0
+
+
+def test_tpu_style_hlo_kernels_by_hand():
+  ks = {k.name: k for k in hlo_cost.kernels(_TPU_HLO)}
+  assert sorted(ks) == ['copy-start', 'exp_fusion', 'scores', 'start']
+  # The prefetch reads k once from HBM; its VMEM copy and the source alias are not traffic.
+  # Layout {1,3,2,0}: dim 1 (17) is the lane dimension -> 128, dim 3 (16) the sublane one.
+  assert ks['copy-start'].bytes == 32 * 128 * 2 * 16 * 2
+  # einsum('bthd,bshd->bhts') written as a convolution: 2*b*h*t*s*d FLOPs; q is read from
+  # HBM (12 lanes -> 128), k from VMEM, and the f32 scores written (17 lanes -> 128, 12
+  # sublanes -> 16).
+  scores = ks['scores']
+  assert scores.flops == 2 * 32 * 2 * 12 * 17 * 16
+  assert scores.bytes == 32 * 128 * 2 * 16 * 2 + 32 * 2 * 16 * 128 * 4
+  # Trip count from the condition `i < 7` with i starting at copy(constant 2).
+  assert ks['exp_fusion'].count == 5 and ks['exp_fusion'].bytes == 2 * 1024 * 4
+
+
+def test_tpu_loop_without_a_readable_trip_count_is_a_clear_error():
+  bad = _TPU_HLO.replace('direction=LT', 'direction=NE')
+  with pytest.raises(ValueError, match='no known trip count'):
+    hlo_cost.kernels(bad)

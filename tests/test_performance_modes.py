@@ -70,6 +70,35 @@ def test_remat_modes_match_none(no_remat, tiny_config, mode):
                grads, ref_grads)
 
 
+def _one_sgd_step(config, batch):
+  """One train step under SGD with learning rate 1: (metrics, params before - after), the
+  second being the gradients (the temperature's up to its clamp)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  tx = optax.sgd(1.0)
+  st = jax.jit(lambda r: state_lib.create_train_state(config, r, tx))(jax.random.key(0))
+  new, metrics = jax.jit(train.make_train_step(config, tx, steps_per_epoch=10))(
+      st, batch, jax.random.key(3))
+  return metrics, jax.tree.map(lambda a, b: a - b, st.params, new.params)
+
+
+def test_pallas_attention_matches_xla(tiny_config):
+  """The whole step with the TPU attention kernel (Pallas's TPU interpreter on the CPU):
+  the loss terms and gradients of XLA's attention. (Through one step, not grad-of-step as
+  above: the kernel's hand-written backward has no derivative of its own.)"""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  batch = make_batch(tiny_config)
+  ref_metrics, ref_grads = _one_sgd_step(tiny_config, batch)
+  tiny_config.model.attention_impl = 'pallas'
+  with pltpu.force_tpu_interpret_mode():
+    metrics, grads = _one_sgd_step(tiny_config, batch)
+  keys = [k for k in ref_metrics if k.startswith('loss')] + ['grad_norm']
+  assert {'loss_ica', 'loss_code', 'loss_itm', 'loss_mlm'} <= set(keys)
+  for key in keys:
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, ref_grads)
+
+
 @pytest.mark.parametrize('group', [0, 4])
 def test_shared_image_kv_matches_per_row_images(no_remat, tiny_config, group):
   """The step's fusion rows gathering each image's keys/values (share_image_kv) give the

@@ -1,8 +1,8 @@
-"""tpu_aot: the step compiled for TPU chips by libtpu, on this CPU-only machine.
+"""tpu_aot and hlo_cost on TPU programs: compiled by libtpu for TPU chips, on this CPU-only
+machine, each in a subprocess (libtpu stays out of the test process).
 
-Runs the tool in a subprocess (libtpu stays out of the test process) on the tiny config.
 References: the chips' datasheet figures, the train state's bytes from `jax.eval_shape`,
-and the step's model FLOPs.
+the step's model FLOPs, and hand counts of single einsums' FLOPs and arrays' bytes.
 """
 
 import json
@@ -34,14 +34,20 @@ def state_bytes(config):
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves((state, batch)))
 
 
+def _run(*args):
+  """Python with libtpu importable (and JAX on the CPU), in its own process."""
+  env = dict(os.environ, PYTHONPATH=f'{TPU_AOT}{os.pathsep}{ROOT}', JAX_PLATFORMS='cpu',
+             TPU_SKIP_MDS_QUERY='1', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def test_tiny_step_compiled_for_v5e_and_v4(tmp_path):
   out = tmp_path / 'rows.jsonl'
-  env = dict(os.environ, PYTHONPATH=f'{TPU_AOT}{os.pathsep}{ROOT}')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'codis_jax.tpu_aot', '--config=tiny', '--batch=8', '--dtype=',
-       '--target=v5e', '--target=v4', f'--json={out}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run('-m', 'codis_jax.tpu_aot', '--config=tiny', '--batch=8', '--dtype=',
+              '--target=v5e', '--target=v4', f'--json={out}')
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['target'] for r in rows] == ['v5e', 'v4']
   config = bench.make_config('tiny', 8)
@@ -54,8 +60,91 @@ def test_tiny_step_compiled_for_v5e_and_v4(tmp_path):
     # 128 lanes, which inflates the tiny model's 32- and 64-wide arrays (~2.9x here).
     assert raw <= r['args_gib'] * 2**30 < 4 * raw
     assert r['xla_flops'] >= r['model_flops'] > 0  # XLA adds the elementwise FLOPs
+    # The step reads its whole state from HBM and writes the new one back, at least.
+    assert 2 * raw <= r['hbm_bytes'] < r['xla_bytes']  # XLA's count includes VMEM
+    assert 0 < r['matmul_flops'] <= r['xla_flops']
     assert r['floor_s'] == pytest.approx(max(r['xla_flops'] / peak,
-                                             r['xla_bytes'] / bandwidth))
+                                             r['hbm_bytes'] / bandwidth))
     assert r['mfu_ceiling'] == pytest.approx(r['model_flops'] / r['floor_s'] / peak)
-    assert 0 < r['mfu_ceiling'] < 1
+    assert r['floor_s'] <= r['roofline_s']  # kernel by kernel: never below the floor
+    assert 0 < r['mfu_roofline'] <= r['mfu_ceiling'] < 1
   assert proc.stdout.count('fits.') == 2 and 'MFU <=' in proc.stdout
+  assert '| part |' in proc.stdout and '| vision backward |' in proc.stdout
+
+
+_KERNELS = """
+import jax, jax.numpy as jnp
+from codis_jax import hlo_cost, tpu_aot
+s = jax.sharding.SingleDeviceSharding(tpu_aot.compile_only_device('v5e'))
+S = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=s)
+scores = lambda q, k: jnp.einsum('bthd,bshd->bhts', q, k)
+cases = [
+    (lambda x, w: x @ w, (S(16384, 768), S(768, 3072))),
+    (lambda x: jnp.exp(2 * x + 1) * 3 - x, (S(8192, 8192, dt=jnp.float32),)),
+    (scores, (S(64, 257, 12, 64), S(64, 257, 12, 64))),
+    (jax.grad(lambda q, k: scores(q, k).astype(jnp.float32).sum(), argnums=(0, 1)),
+     (S(8, 40, 12, 64), S(8, 257, 12, 64))),
+    (lambda x, w: jax.lax.conv_general_dilated(x, w, (16, 16), 'VALID',
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+     (S(64, 256, 256, 3), S(16, 16, 3, 768))),
+]
+from codis_jax.models import tpu_attention
+qkv = (S(64, 257, 12, 64),) * 3
+for impl in (tpu_attention.attention, jax.nn.dot_product_attention):  # forward + backward
+  loss = lambda *x, impl=impl: jnp.sum(impl(*x).astype(jnp.float32) ** 2)
+  cases.append((jax.grad(loss, argnums=(0, 1, 2)), qkv))
+for f, args in cases:
+  ks = hlo_cost.kernels(jax.jit(f).lower(*args).compile().as_text())
+  print(sum(k.count * k.flops for k in ks), sum(k.count * k.bytes for k in ks))
+"""
+
+
+def test_tpu_kernels_flops_and_hbm_bytes():
+  """XLA:TPU writes batched matmuls as dilated convolutions and keeps buffers in VMEM;
+  hlo_cost's counts of its kernels against the einsums' FLOPs and the arrays' bytes."""
+  proc = _run('-c', _KERNELS)
+  (dense_f, dense_b), (ew_f, ew_b), (att_f, _), (grad_f, _), (conv_f, _), \
+      (pallas_f, pallas_b), (_, xla_b) = [
+          tuple(map(float, line.split())) for line in proc.stdout.strip().splitlines()[-7:]]
+  assert dense_f == 2 * 16384 * 768 * 3072
+  # Operands read once and the result written once, bf16: the least traffic there is.
+  assert dense_b == (16384 * 768 + 768 * 3072 + 16384 * 3072) * 2
+  assert ew_f == 0 and ew_b == 2 * 8192 * 8192 * 4  # one fused pass, f32 in and out
+  assert att_f == 2 * 64 * 12 * 257 * 257 * 64
+  assert grad_f == 2 * (2 * 8 * 12 * 40 * 257 * 64)  # dq and dk: one matmul each
+  assert conv_f == 2 * 64 * 16 * 16 * 768 * (16 * 16 * 3)
+  # The Pallas kernel (Mosaic-compiled): 2 matmuls forward, 5 backward (the scores
+  # recomputed), read from its cost estimates. q, k, v come from HBM and their gradients
+  # go back (program inputs and outputs), but no [64, 12, 257, 257] scores: under a
+  # quarter of the bytes XLA's attention moves.
+  assert pallas_f == 7 * 2 * 64 * 12 * 257 * 257 * 64
+  qkv_bytes = 64 * 264 * 768 * 2  # bf16 [64, 257, 768], 257 rows tiled to 264
+  assert 6 * qkv_bytes <= pallas_b < 0.25 * xla_b
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from codis_jax import sharding
+from codis_jax.models import tpu_attention
+from configs import pretrain
+topo = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu')  # 4 chips
+config = pretrain.get_config('tiny')
+config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 1, 2
+mesh = sharding.create_mesh(config, topo.devices)
+spec = jax.sharding.PartitionSpec(('data', 'fsdp'), None, 'tensor', None)
+x = jax.ShapeDtypeStruct((64, 257, 12, 64), jnp.bfloat16,
+                         sharding=jax.sharding.NamedSharding(mesh, spec))
+loss = lambda q, k, v: jnp.sum(tpu_attention.attention(q, k, v).astype(jnp.float32) ** 2)
+with sharding.mesh_context(mesh, config):
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile().as_text()
+print(hlo.count('custom_call_target="tpu_custom_call"'), 'all-gather' in hlo,
+      'all-to-all' in hlo)
+"""
+
+
+def test_pallas_attention_sharded_over_four_tpu_chips():
+  """Batch over data, heads over tensor on a v5e 2x2: each chip runs the kernel on its
+  shard; nothing is gathered (XLA would gather a Pallas call's operands whole)."""
+  proc = _run('-c', _SHARDED)
+  assert proc.stdout.split()[-3:] == ['2', 'False', 'False']  # forward + backward kernels

@@ -31,9 +31,9 @@ class CODIS(nn.Module):
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    if c.attention_impl not in ('', 'xla', 'cudnn'):
+    if c.attention_impl not in ('', 'xla', 'cudnn', 'pallas'):
       raise ValueError(f'config.model.attention_impl={c.attention_impl!r}: choose \'\' '
-                       "(XLA picks), 'xla' or 'cudnn'")
+                       "(XLA picks), 'xla', 'cudnn' (GPU) or 'pallas' (TPU)")
     impl = c.attention_impl or None
     self.visual_encoder = vit.ViT(
         c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp_dim, c.vit_ln_eps,

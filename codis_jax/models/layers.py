@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codis_jax.models import tpu_attention
+
 Dtype = Any
 
 @jax.custom_vjp
@@ -114,7 +116,8 @@ def attention(q, k, v, mask, implementation, kv_length=None):
   q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None;
   kv_length: only the first kv_length keys count (static; None = all S).
   Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
-  even lengths), so that it has one way of masking.
+  even lengths), so that it has one way of masking; 'pallas' is the TPU kernel of
+  `tpu_attention`.
   """
   if kv_length is not None and (mask is not None or implementation != 'cudnn'):
     # A [1, 1, 1, S] mask: nothing per batch or head to store. (cuDNN without a mask
@@ -123,6 +126,8 @@ def attention(q, k, v, mask, implementation, kv_length=None):
     mask, kv_length = (valid if mask is None else mask & valid), None
   if implementation == 'cudnn':
     return even_length_attention(q, k, v, mask, implementation, kv_length)
+  if implementation == 'pallas':
+    return tpu_attention.attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
