@@ -92,7 +92,8 @@ def _array(dtype: str, dims: str, layout: str) -> Array:
 
 
 def arrays(type_text: str) -> list:
-  """'(bf16[2,3]{1,0}, s8[64]{0})' -> [Array('bf16', (2, 3), (1, 0)), Array('s8', (64,), (0,))]."""
+  """'(bf16[2,3]{1,0}, s8[64]{0})' -> [Array('bf16', (2, 3), (1, 0)),
+  Array('s8', (64,), (0,))]."""
   return [_array(*m) for m in _ARRAY.findall(type_text) if m[0] in _DTYPE_BYTES]
 
 
@@ -165,7 +166,10 @@ def _taps(n: int, m: int, size: int, stride: int, lo: int, base: int, rate: int)
   """Multiply-adds along one spatial dimension, summed over its m output positions: the
   window taps that land on one of the n input elements, not on padding or on the holes
   of a base (lhs) dilation. XLA:TPU writes batched matmuls as such convolutions."""
-  p = np.arange(m)[:, None] * stride + np.arange(size)[None, :] * rate - lo
+  start = np.arange(m) * stride - lo  # input coordinate of each window's first tap
+  if base == 1 and rate == 1:  # taps t with 0 <= start + t < n, counted without a grid
+    return int(np.clip(np.minimum(size, n - start) - np.maximum(0, -start), 0, None).sum())
+  p = start[:, None] + np.arange(size)[None, :] * rate
   return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * base) & (p % base == 0)))
 
 
@@ -198,14 +202,10 @@ def _attention_flops(ins: Instr, types: dict) -> float:
   return per_matmul * (5 if 'Backward' in ins.attrs else 2)
 
 
-def _fusion_cost(ins: Instr, comps: dict, types: dict):
-  """(flops, bytes read, bytes written, has f32 matmul) of one fusion."""
-  called = comps[re.search(r'calls=%([\w.\-]+)', ins.attrs).group(1)]
+def _fused_flops(called: list, comps: dict):
+  """(matmul and convolution FLOPs, has f32 matmul) of a fused computation, with the
+  fusions nested in it (XLA:TPU nests them)."""
   local = {i.name: i.arrays for i in called}
-  users = {}  # name -> [(user, operand position)]
-  for i in called:
-    for pos, o in enumerate(i.operands):
-      users.setdefault(o, []).append((i, pos))
   flops, f32 = 0.0, False
   for i in called:
     if i.op == 'dot':
@@ -215,6 +215,21 @@ def _fusion_cost(ins: Instr, comps: dict, types: dict):
     elif i.op == 'convolution':
       flops += _conv_flops(i.arrays[0], local[i.operands[0]][0], local[i.operands[1]][0],
                             i.attrs)
+    elif i.op == 'fusion':
+      inner = _fused_flops(comps[re.search(r'calls=%([\w.\-]+)', i.attrs).group(1)], comps)
+      flops, f32 = flops + inner[0], f32 or inner[1]
+  return flops, f32
+
+
+def _fusion_cost(ins: Instr, comps: dict, types: dict):
+  """(flops, bytes read, bytes written, has f32 matmul) of one fusion."""
+  called = comps[re.search(r'calls=%([\w.\-]+)', ins.attrs).group(1)]
+  local = {i.name: i.arrays for i in called}
+  users = {}  # name -> [(user, operand position)]
+  for i in called:
+    for pos, o in enumerate(i.operands):
+      users.setdefault(o, []).append((i, pos))
+  flops, f32 = _fused_flops(called, comps)
   params = {int(i.args): i for i in called if i.op == 'parameter'}
   root = next(i for i in called if i.root)
   roots = [i for i in called if i.name in root.operands] if root.op == 'tuple' else [root]
@@ -293,8 +308,8 @@ def kernels(hlo_text: str) -> list:
       if ins.op == 'while':
         # With a known trip count XLA:GPU runs the body that many times and never the
         # condition (its WhileThunk; no predicate goes back to the host).
-        walk(re.search(r'body=%([\w.\-]+)', ins.attrs).group(1), count * _trip_count(ins, comps, local),
-             out)
+        body = re.search(r'body=%([\w.\-]+)', ins.attrs).group(1)
+        walk(body, count * _trip_count(ins, comps, local), out)
         continue
       if ins.op in ('call', 'async-start'):
         walk(re.search(r'(?:to_apply|calls)=%([\w.\-]+)', ins.attrs).group(1), count, out)

@@ -214,15 +214,22 @@ def test_fusion_root_is_the_marked_instruction_not_the_last_line():
 
 
 # TPU-style HLO as XLA:TPU writes it: tiled layouts, on-chip (S(1)) buffers, an async
-# copy into VMEM, a batched matmul written as a base-dilated convolution, and a while loop
+# copy into VMEM, a batched matmul written as a base-dilated convolution in a fusion nested
+# in the kernel's fusion, and a while loop
 # whose trip count is only in its condition (as in the compiled train step's IPOT loop).
 _TPU_HLO = """\
 HloModule jit_step, is_scheduled=true
 
+%inner_conv (param_0.5: bf16[32,12,2,16], param_1.5: bf16[32,17,2,16]) -> f32[32,2,12,17] {
+  %param_0.5 = bf16[32,12,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(0)
+  %param_1.5 = bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(1)
+  ROOT %conv = f32[32,2,12,17]{3,2,1,0:T(8,128)} convolution(%param_0.5, %param_1.5), window={size=32x2 stride=31x1 lhs_dilate=32x2}, dim_labels=0b1f_0o1i->01bf
+}
+
 %fused_scores (param_0: bf16[32,12,2,16], param_1: bf16[32,17,2,16]) -> f32[32,2,12,17] {
   %param_0 = bf16[32,12,2,16]{1,3,2,0:T(8,128)(2,1)} parameter(0)
   %param_1 = bf16[32,17,2,16]{1,3,2,0:T(8,128)(2,1)S(1)} parameter(1)
-  ROOT %conv = f32[32,2,12,17]{3,2,1,0:T(8,128)} convolution(%param_0, %param_1), window={size=32x2 stride=31x1 lhs_dilate=32x2}, dim_labels=0b1f_0o1i->01bf
+  ROOT %nested = f32[32,2,12,17]{3,2,1,0:T(8,128)} fusion(%param_0, %param_1), kind=kOutput, calls=%inner_conv
 }
 
 %fused_exp (param_0.1: f32[1000]) -> f32[1000] {
