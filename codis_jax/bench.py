@@ -42,7 +42,8 @@ def _define_flags():
   flags.DEFINE_integer('steps', 3, 'Timed steps after the compile and one warm-up step.')
   flags.DEFINE_string('dtype', '', 'Override config.model.dtype (float32 | bfloat16).')
   flags.DEFINE_string('remat', '', 'Override config.model.remat (none | full | dots).')
-  flags.DEFINE_string('attention', '', 'Override config.model.attention_impl (xla | cudnn | pallas).')
+  flags.DEFINE_string('attention', '',
+                      'Override config.model.attention_impl (xla | cudnn | pallas).')
   flags.DEFINE_list('set', [], 'More config overrides, KEY=VALUE, e.g. '
                     'model.share_image_kv=false,loss.ipot_iters=20.')
   flags.DEFINE_string('json', '', 'Also append each result as one JSON line to this file.')

@@ -3,9 +3,9 @@
 Every instruction of the entry computation that is not bookkeeping (parameter, tuple,
 bitcast, ...) is one kernel launch; a while loop's body counts its trip count of times
 (XLA:GPU's `known_trip_count`, or XLA:TPU's `i < N` condition; the condition is not run).
-For each kernel: FLOPs of its matmuls and convolutions (and of Pallas kernels, from their
-cost estimates), and the bytes it moves through device memory (operands read plus results
-written). A fusion reads only the slices it takes of an operand, and a
+For each kernel: FLOPs of its matmuls and convolutions (`hlo_flops`; Pallas kernels from
+their cost estimates), and the bytes it moves through device memory (operands read plus
+results written). A fusion reads only the slices it takes of an operand, and a
 dynamic-update-slice fusion writes only its update in place, as XLA's own GPU cost model
 counts them. On TPUs arrays are stored tile by tile (each tiled dimension rounded up to
 its tile), and buffers that XLA:TPU placed in on-chip memory (VMEM) move no HBM bytes;
@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 
-import numpy as np
+from codis_jax import hlo_flops
 
 _DTYPE_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1,
                 'f8e5m2': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4,
@@ -144,64 +144,6 @@ def parse(hlo_text: str):
   return comps, entry
 
 
-def _dims(attrs: str, key: str) -> list:
-  """Dimension numbers from `lhs_contracting_dims={1,2}` or backend_config JSON."""
-  m = re.search(key + r'=\{([\d,]*)\}', attrs)
-  if m is None:
-    m = re.search('"' + key.replace('_dims', '_dimensions') + r'":\[([^\]]*)\]', attrs)
-  return [int(d) for d in re.findall(r'\d+', m.group(1))] if m else []
-
-
-def _matmul_flops(out: Array, lhs: Array, attrs: str) -> float:
-  k = math.prod(lhs.shape[d] for d in _dims(attrs, 'lhs_contracting_dims'))
-  return 2.0 * math.prod(out.shape) * k
-
-
-def _window(attrs: str, key: str, rank: int) -> list:
-  m = re.search(r'\b' + key + r'=([\d_x-]+)', attrs)
-  return m.group(1).split('x') if m else [None] * rank
-
-
-def _taps(n: int, m: int, size: int, stride: int, lo: int, base: int, rate: int) -> int:
-  """Multiply-adds along one spatial dimension, summed over its m output positions: the
-  window taps that land on one of the n input elements, not on padding or on the holes
-  of a base (lhs) dilation. XLA:TPU writes batched matmuls as such convolutions."""
-  start = np.arange(m) * stride - lo  # input coordinate of each window's first tap
-  if base == 1 and rate == 1:  # taps t with 0 <= start + t < n, counted without a grid
-    return int(np.clip(np.minimum(size, n - start) - np.maximum(0, -start), 0, None).sum())
-  p = start[:, None] + np.arange(size)[None, :] * rate
-  return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * base) & (p % base == 0)))
-
-
-def _conv_flops(out: Array, lhs: Array, kernel: Array, attrs: str) -> float:
-  # dim_labels=b01f_01io->b01f: digits are spatial dimensions, 'i' the kernel's input
-  # features (per group), 'b' and 'f' the output's batch and features.
-  m = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', attrs)
-  if m is None:  # no spatial dimensions written: a plain 1x1 convolution
-    return 2.0 * math.prod(out.shape) * math.prod(kernel.shape) / kernel.shape[-1]
-  lhs_l, ker_l, out_l = m.groups()
-  digits = sorted(c for c in out_l if c.isdigit())
-  size, stride, pad, base, rate = (_window(attrs, k, len(digits)) for k in
-                                   ('size', 'stride', 'pad', 'lhs_dilate', 'rhs_dilate'))
-  macs = out.shape[out_l.index('b')] * out.shape[out_l.index('f')]
-  macs *= kernel.shape[ker_l.index('i')]
-  for j, d in enumerate(digits):
-    macs *= _taps(lhs.shape[lhs_l.index(d)], out.shape[out_l.index(d)],
-                  kernel.shape[ker_l.index(d)], int(stride[j] or 1),
-                  int(pad[j].split('_')[0]) if pad[j] else 0, int(base[j] or 1),
-                  int(rate[j] or 1))
-  return 2.0 * macs
-
-
-def _attention_flops(ins: Instr, types: dict) -> float:
-  """cuDNN fused attention: q [B, T, H, D], k [B, S, H, D]. The forward is 2 matmuls; the
-  backward recomputes the scores and runs 4 more (flash attention keeps no [T, S])."""
-  q, k = (types[n][0] for n in ins.operands[:2])
-  b, t, h, d = q.shape
-  per_matmul = 2.0 * b * h * t * k.shape[1] * d
-  return per_matmul * (5 if 'Backward' in ins.attrs else 2)
-
-
 def _fused_flops(called: list, comps: dict):
   """(matmul and convolution FLOPs, has f32 matmul) of a fused computation, with the
   fusions nested in it (XLA:TPU nests them)."""
@@ -210,11 +152,11 @@ def _fused_flops(called: list, comps: dict):
   for i in called:
     if i.op == 'dot':
       lhs = local[i.operands[0]][0]
-      flops += _matmul_flops(i.arrays[0], lhs, i.attrs)
+      flops += hlo_flops.matmul(i.arrays[0], lhs, i.attrs)
       f32 |= lhs.dtype == 'f32'
     elif i.op == 'convolution':
-      flops += _conv_flops(i.arrays[0], local[i.operands[0]][0], local[i.operands[1]][0],
-                            i.attrs)
+      flops += hlo_flops.convolution(i.arrays[0], local[i.operands[0]][0],
+                                     local[i.operands[1]][0], i.attrs)
     elif i.op == 'fusion':
       inner = _fused_flops(comps[re.search(r'calls=%([\w.\-]+)', i.attrs).group(1)], comps)
       flops, f32 = flops + inner[0], f32 or inner[1]
@@ -339,14 +281,15 @@ def kernels(hlo_text: str) -> list:
         flops, read, written, f32 = _fusion_cost(ins, comps, types)
       elif ins.op == 'dot' or (target and ('gemm' in kind or 'matmul' in kind)):
         lhs = types[ins.operands[0]][0]
-        flops, f32 = _matmul_flops(result[0], lhs, ins.attrs), lhs.dtype == 'f32'
+        flops, f32 = hlo_flops.matmul(result[0], lhs, ins.attrs), lhs.dtype == 'f32'
       elif ins.op == 'convolution' or (target and 'conv' in kind):
-        flops = _conv_flops(result[0], types[ins.operands[0]][0], types[ins.operands[1]][0],
-                            ins.attrs)
+        flops = hlo_flops.convolution(result[0], types[ins.operands[0]][0],
+                                      types[ins.operands[1]][0], ins.attrs)
       elif target and 'fmha' in kind.lower():
-        flops = _attention_flops(ins, types)
-      elif target and '"cost_estimate":{"flops":"' in ins.attrs:  # a Pallas kernel's own
-        flops = float(re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.attrs).group(1))
+        flops = hlo_flops.cudnn_attention(*(types[n][0] for n in ins.operands[:2]),
+                                          ins.attrs)
+      elif target and (estimate := hlo_flops.pallas_estimate(ins.attrs)) is not None:
+        flops = estimate
       out.append(Kernel(ins.name, ins.op, kind, names[ins.name], flops, read + written,
                         count, f32))
     return out

@@ -121,6 +121,13 @@ def compile_step(config, tx, args, device, guarded=True, compiler_options=None):
       compiler_options=compiler_options)
 
 
+def save_hlo(folder: str, name: str, text: str):
+  """Writes a compiled program's HLO text to folder/<name or 'default'>.hlo.txt."""
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, f'{name or "default"}.hlo.txt'.replace('/', '_')), 'w') as f:
+    f.write(text)
+
+
 def part(k: hlo_cost.Kernel) -> str:
   """Which part of the step a kernel belongs to, from its JAX op path."""
   name = k.op_name
@@ -173,9 +180,7 @@ def main(argv):
                             compiler_options={'xla_gpu_enable_triton_gemm': False})
     text, mem = compiled.as_text(), compiled.memory_analysis()
     if FLAGS.save_hlo:
-      os.makedirs(FLAGS.save_hlo, exist_ok=True)
-      with open(os.path.join(FLAGS.save_hlo, f'{variant or "default"}.hlo.txt'), 'w') as f:
-        f.write(text)
+      save_hlo(FLAGS.save_hlo, variant, text)
     model = bench.model_flops(config, tx, *args)
     row = report(variant or 'as configured', hlo_cost.kernels(text), device, model,
                  config.batch_size, FLAGS.top)

@@ -77,7 +77,7 @@ def floor_seconds(flops: float, nbytes: float, peak: float, chip: Chip) -> float
   return max(flops / peak, nbytes / chip.bandwidth)
 
 
-def report(target: str, variant: str, config, compiled, model_flops: float,
+def report(target: str, variant: str, config, compiled, hlo_text: str, model_flops: float,
            peak: float, top: int = 12) -> dict:
   chip = CHIPS[target]
   mem = compiled.memory_analysis()
@@ -87,7 +87,7 @@ def report(target: str, variant: str, config, compiled, model_flops: float,
   flops, nbytes = float(c.get('flops', 0)), float(c.get('bytes accessed', 0))
   # HBM traffic kernel by kernel (hlo_cost): tiled sizes, on-chip VMEM buffers left out.
   # XLA:TPU's own "bytes accessed" counts VMEM accesses too, so it bounds nothing.
-  ks = hlo_cost.kernels(compiled.as_text())
+  ks = hlo_cost.kernels(hlo_text)
   device = hlo_cost.Device(f'TPU {target}', peak, peak, chip.bandwidth, launch_s=0.0)
   hbm = hlo_cost.summary(ks, device)
   floor = floor_seconds(flops, hbm['bytes'], peak, chip)
@@ -139,13 +139,11 @@ def main(argv):
       config = bench.make_config(FLAGS.config, FLAGS.batch, FLAGS.dtype, overrides=overrides)
       tx, *args = roofline.step_args(config)
       compiled = roofline.compile_step(config, tx, args, device)
+      text = compiled.as_text()
       if FLAGS.save_hlo:
-        os.makedirs(FLAGS.save_hlo, exist_ok=True)
-        name = f'{target}-{variant or "default"}.hlo.txt'.replace('/', '_')
-        with open(os.path.join(FLAGS.save_hlo, name), 'w') as f:
-          f.write(compiled.as_text())
-      row = report(target, variant, config, compiled, bench.model_flops(config, tx, *args),
-                   peak, FLAGS.top)
+        roofline.save_hlo(FLAGS.save_hlo, f'{target}-{variant or "default"}', text)
+      row = report(target, variant, config, compiled, text,
+                   bench.model_flops(config, tx, *args), peak, FLAGS.top)
       sys.stdout.flush()
       if FLAGS.json:
         with open(FLAGS.json, 'a') as f:

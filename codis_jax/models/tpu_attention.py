@@ -78,50 +78,50 @@ def _bwd_kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_ref, *
     dv_ref[0, :, cols] = tn(p.astype(do.dtype), do).astype(dv_ref.dtype)
 
 
-def _specs(b, t, s, heads, d, group):
-  w = group * d
-  seq = lambda n: pl.BlockSpec((1, n, w), lambda i, j: (i, 0, j))
+def _blocks(q, k, heads):
+  """(head width, heads per grid step, grid, q / kv / bias BlockSpecs) for q [B, T, H * D],
+  k [B, S, H * D]: one grid step per (example, 128-lane head group)."""
+  (b, t, width), s = q.shape, k.shape[1]
+  d = width // heads
+  group = _group(heads, d)
+  seq = lambda n: pl.BlockSpec((1, n, group * d), lambda i, j: (i, 0, j))
   bias = pl.BlockSpec((1, 1, s), lambda i, j: (i, 0, 0))
-  return (b, heads // group), seq(t), seq(s), bias
+  return d, group, (b, heads // group), seq(t), seq(s), bias
 
 
-def _params():
-  return pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
+def _nbytes(*xs):
+  return sum(x.size * x.dtype.itemsize for x in xs)
+
+
+_PARAMS = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
 
 
 def _forward(q, k, v, bias, heads, scale):
-  (b, t, w), s = q.shape, k.shape[1]
-  d = w // heads
-  group = _group(heads, d)
-  grid, q_spec, kv_spec, bias_spec = _specs(b, t, s, heads, d, group)
-  flops = 4 * b * heads * t * s * d
+  d, group, grid, q_spec, kv_spec, bias_spec = _blocks(q, k, heads)
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, heads=group, d=d, scale=scale),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, bias_spec], out_specs=q_spec,
-      compiler_params=_params(), name='codis_attention_fwd',
-      cost_estimate=pl.CostEstimate(
-          flops=flops, transcendentals=b * heads * t * s,
-          bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, k, v, bias, q))),
+      compiler_params=_PARAMS, name='codis_attention_fwd',
+      cost_estimate=pl.CostEstimate(  # 2 matmuls
+          flops=4 * b * heads * t * s * d, transcendentals=b * heads * t * s,
+          bytes_accessed=_nbytes(q, k, v, bias, q)),
   )(q, k, v, bias)
 
 
 def _backward(q, k, v, bias, do, heads, scale):
-  (b, t, w), s = q.shape, k.shape[1]
-  d = w // heads
-  group = _group(heads, d)
-  grid, q_spec, kv_spec, bias_spec = _specs(b, t, s, heads, d, group)
-  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+  d, group, grid, q_spec, kv_spec, bias_spec = _blocks(q, k, heads)
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
   return pl.pallas_call(
       functools.partial(_bwd_kernel, heads=group, d=d, scale=scale),
-      out_shape=shapes, grid=grid,
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)], grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, bias_spec, q_spec],
-      out_specs=[q_spec, kv_spec, kv_spec], compiler_params=_params(),
+      out_specs=[q_spec, kv_spec, kv_spec], compiler_params=_PARAMS,
       name='codis_attention_bwd',
-      cost_estimate=pl.CostEstimate(
+      cost_estimate=pl.CostEstimate(  # the scores again, then 4 more matmuls
           flops=10 * b * heads * t * s * d, transcendentals=b * heads * t * s,
-          bytes_accessed=2 * sum(x.size * x.dtype.itemsize for x in (q, k, v))
-          + do.size * do.dtype.itemsize + bias.size * 4),
+          bytes_accessed=2 * _nbytes(q, k, v) + _nbytes(do, bias)),
   )(q, k, v, bias, do)
 
 
