@@ -82,8 +82,9 @@ def _one_sgd_step(config, batch):
 
 
 def test_pallas_attention_matches_xla(tiny_config):
-  """The whole step with the TPU attention kernel (Pallas's TPU interpreter on the CPU):
-  the loss terms and gradients of XLA's attention. (Through one step, not grad-of-step as
+  """The whole step with the TPU attention kernel (Pallas's TPU interpreter on the CPU;
+  flat projections, the fusion's image keys and values read by index): the loss terms and
+  gradients of XLA's attention. (Through one step, not grad-of-step as
   above: the kernel's hand-written backward has no derivative of its own.)"""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   batch = make_batch(tiny_config)
@@ -114,6 +115,27 @@ def test_shared_image_kv_matches_per_row_images(no_remat, tiny_config, group):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, ref_grads)
+
+
+@pytest.mark.parametrize('features,in_axes,axis', [((3, 4), ('embed',), -1),
+                                                    ((5,), ('heads', 'kv'), (-2, -1))])
+def test_flat_dense_same_params_and_values(features, in_axes, axis):
+  """Dense(flat=True) (the 'pallas' attention's projections): the same parameters, and the
+  numpy product over the contracted dims."""
+  x = np.random.RandomState(6).randn(2, 7, 3, 4).astype(np.float32)
+  make = lambda flat: layers.dense(features, in_axes, ['o'] * len(features),
+                                   dtype=jnp.float32, init=nn.initializers.normal(1.0),
+                                   name='d', axis=axis, flat=flat)
+  x_in = x.reshape(2, 7, 12) if len(in_axes) == 1 else x
+  params = make(False).init(jax.random.PRNGKey(0), x_in)
+  got = make(True).apply(params, x_in)
+  kernel, bias = (np.asarray(nn.unbox(params['params'][k])) for k in ('kernel', 'bias'))
+  n_in = len(in_axes)
+  want = np.tensordot(x_in, kernel, axes=n_in) + bias
+  assert got.shape == want.shape == (2, 7) + features
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  assert jax.tree.map(np.shape, make(True).init(jax.random.PRNGKey(0), x_in)) == \
+      jax.tree.map(np.shape, params)
 
 
 def test_take_rows_picks_within_groups():

@@ -93,6 +93,16 @@ qkv = (S(64, 257, 12, 64),) * 3
 for impl in (tpu_attention.attention, jax.nn.dot_product_attention):  # forward + backward
   loss = lambda *x, impl=impl: jnp.sum(impl(*x).astype(jnp.float32) ** 2)
   cases.append((jax.grad(loss, argnums=(0, 1, 2)), qkv))
+from codis_jax.models import layers
+for gather in (False, True):  # the fusion's cross-attention: 4 text rows per image
+  def loss(q, k, v, i, gather=gather):
+    if gather:
+      k, v, i = layers.take_rows(k, i), layers.take_rows(v, i), None
+    out = layers.attention(q, k, v, None, 'pallas', kv_index=i)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  cases.append((jax.grad(loss, argnums=(0, 1, 2)),
+                (S(256, 25, 12, 64), S(64, 257, 12, 64), S(64, 257, 12, 64),
+                 S(1, 256, dt=jnp.int32))))
 for f, args in cases:
   ks = hlo_cost.kernels(jax.jit(f).lower(*args).compile().as_text())
   print(sum(k.count * k.flops for k in ks), sum(k.count * k.bytes for k in ks))
@@ -104,8 +114,8 @@ def test_tpu_kernels_flops_and_hbm_bytes():
   hlo_cost's counts of its kernels against the einsums' FLOPs and the arrays' bytes."""
   proc = _run('-c', _KERNELS)
   (dense_f, dense_b), (ew_f, ew_b), (att_f, _), (grad_f, _), (conv_f, _), \
-      (pallas_f, pallas_b), (_, xla_b) = [
-          tuple(map(float, line.split())) for line in proc.stdout.strip().splitlines()[-7:]]
+      (pallas_f, pallas_b), (_, xla_b), (indexed_f, indexed_b), (gathered_f, gathered_b) = [
+          tuple(map(float, line.split())) for line in proc.stdout.strip().splitlines()[-9:]]
   assert dense_f == 2 * 16384 * 768 * 3072
   # Operands read once and the result written once, bf16: the least traffic there is.
   assert dense_b == (16384 * 768 + 768 * 3072 + 16384 * 3072) * 2
@@ -120,6 +130,11 @@ def test_tpu_kernels_flops_and_hbm_bytes():
   assert pallas_f == 7 * 2 * 64 * 12 * 257 * 257 * 64
   qkv_bytes = 64 * 264 * 768 * 2  # bf16 [64, 257, 768], 257 rows tiled to 264
   assert 6 * qkv_bytes <= pallas_b < 0.25 * xla_b
+  # Indexed keys and values (kv_index, 256 query rows over 64 images): read in place, their
+  # gradients summed per image in VMEM. At least k and v read and dk, dv written once per
+  # image; the per-row gather and its scatter-add backward move over 5x more.
+  assert indexed_f == gathered_f == 7 * 2 * 256 * 12 * 25 * 257 * 64
+  assert 4 * qkv_bytes <= indexed_b < 0.2 * gathered_b
 
 
 _SHARDED = """
@@ -140,11 +155,24 @@ with sharding.mesh_context(mesh, config):
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile().as_text()
 print(hlo.count('custom_call_target="tpu_custom_call"'), 'all-gather' in hlo,
       'all-to-all' in hlo)
+# The fusion's cross-attention: 256 text rows over 64 images, index groups per data shard.
+put = lambda shape, dt=jnp.bfloat16, spec=spec: jax.ShapeDtypeStruct(
+    shape, dt, sharding=jax.sharding.NamedSharding(mesh, spec))
+loss = lambda q, k, v, i: jnp.sum(
+    tpu_attention.attention(q, k, v, None, i).astype(jnp.float32) ** 2)
+args = (put((256, 25, 12, 64)), put((64, 257, 12, 64)), put((64, 257, 12, 64)),
+        put((2, 128), jnp.int32, jax.sharding.PartitionSpec('data', None)))
+with sharding.mesh_context(mesh, config):
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+print(hlo.count('custom_call_target="tpu_custom_call"'), 'all-gather' in hlo,
+      'all-to-all' in hlo)
 """
 
 
 def test_pallas_attention_sharded_over_four_tpu_chips():
   """Batch over data, heads over tensor on a v5e 2x2: each chip runs the kernel on its
-  shard; nothing is gathered (XLA would gather a Pallas call's operands whole)."""
+  shard, with and without kv_index; nothing is gathered (XLA would gather a Pallas call's
+  operands whole)."""
   proc = _run('-c', _SHARDED)
-  assert proc.stdout.split()[-3:] == ['2', 'False', 'False']  # forward + backward kernels
+  # Forward + backward kernels, plain and with keys read in place by index.
+  assert proc.stdout.split()[-6:] == ['2', 'False', 'False'] * 2

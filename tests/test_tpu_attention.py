@@ -87,6 +87,48 @@ def test_through_layers_attention_with_kv_length():
   np.testing.assert_allclose(np.asarray(got), _numpy(q, k, v, keep), atol=2e-6, rtol=1e-5)
 
 
+def _gathered(x, kv_index):
+  """numpy take_rows: row g*(R/G) + j of the result is x[g*(N/G) + kv_index[g, j]]."""
+  g = kv_index.shape[0]
+  return x[(kv_index + np.arange(g)[:, None] * (x.shape[0] // g)).reshape(-1)]
+
+
+# Two groups of 4 query rows over 3 key rows each, as the fusion's (own image three times,
+# another once) but with key rows 1 and 5 read by no query row and row 3 by three.
+KV_INDEX = np.array([[0, 2, 0, 0], [0, 1, 0, 1]])
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_indexed_keys_read_in_place(dtype):
+  """kv_index: each query row's keys and values read from their shared row, against numpy
+  on the gathered rows; gradients summed per key row (zero for rows nobody reads)."""
+  r, t, s, h, d, n = 8, 5, 13, 4, 64, 6
+  rs = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(rs.randn(m, l, h, d), dtype) for m, l in ((r, t), (n, s), (n, s)))
+  keep = np.arange(s)[None] < np.array([13, 4, 13, 13, 9, 13, 13, 1])[:, None]
+  mask = jnp.asarray(keep)[:, None, None, :]
+  cot = rs.randn(r, t, h, d).astype(np.float32)
+  idx = jnp.asarray(KV_INDEX)
+  run = lambda *x: tpu_attention.attention(*x, mask, idx)
+  with pltpu.force_tpu_interpret_mode():
+    out = run(q, k, v)
+    grads = jax.grad(lambda *x: jnp.sum(run(*x).astype(jnp.float32) * cot),
+                     argnums=(0, 1, 2))(q, k, v)
+  q, k, v = (np.float32(x) for x in (q, k, v))  # the inputs as the kernel saw them
+  tol = dict(atol=2e-6, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+  want = _numpy(q, _gathered(k, KV_INDEX), _gathered(v, KV_INDEX), keep)
+  np.testing.assert_allclose(np.float32(out), want, **tol)
+  plain = lambda q, k, v: _plain(q, _gathered(k, KV_INDEX), _gathered(v, KV_INDEX), keep)
+  for got, ref in zip(grads, jax.grad(lambda *x: jnp.sum(plain(*x) * cot),
+                                      argnums=(0, 1, 2))(q, k, v)):
+    assert got.dtype == dtype
+    scale = np.abs(np.asarray(ref)).max()
+    err = np.abs(np.float32(got) - np.asarray(ref)).max()
+    assert err < (2e-5 if dtype == jnp.float32 else 3e-2) * scale
+  for g in grads[1:]:
+    assert not np.float32(g)[[1, 5]].any()
+
+
 def test_unsupported_masks_and_head_widths_are_clear_errors():
   q = jnp.zeros((1, 4, 3, 64))
   with pytest.raises(ValueError, match=r'key masks \[B, 1, 1, S\]'):
@@ -115,3 +157,32 @@ def test_sharded_batch_and_heads_run_per_device(tiny_config):
   np.testing.assert_allclose(np.asarray(out), _numpy(q, k, v, keep), atol=2e-6, rtol=1e-5)
   assert out.sharding.spec == spec
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+
+
+def test_indexed_keys_sharded_with_groups_per_device(tiny_config):
+  """kv_index under a mesh: index groups that align with the batch shards are read in
+  place on each device (nothing gathered); groups that straddle devices are gathered by
+  layers.attention first (and refused by the kernel's entry with the reason)."""
+  from codis_jax import sharding  # pylint: disable=import-outside-toplevel
+  tiny_config.mesh.data, tiny_config.mesh.fsdp, tiny_config.mesh.tensor = 2, 2, 2
+  mesh = sharding.create_mesh(tiny_config)
+  r, t, s, h, d, n = 16, 5, 9, 4, 64, 8
+  rs = np.random.RandomState(5)
+  q, k, v = (rs.randn(m, l, h, d).astype(np.float32) for m, l in ((r, t), (n, s), (n, s)))
+  spec = jax.sharding.PartitionSpec(('data', 'fsdp'), None, 'tensor', None)
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  keep = np.ones((r, s), bool)
+  for groups in (4, 2):  # 4 batch shards: one group per device, then two per group
+    idx = rs.randint(0, n // groups, (groups, r // groups))
+    f = jax.jit(lambda q, k, v, i: layers.attention(q, k, v, None, 'pallas', kv_index=i))
+    with sharding.mesh_context(mesh, tiny_config), pltpu.force_tpu_interpret_mode():
+      args = (put(q), put(k), put(v), jnp.asarray(idx))
+      hlo = f.lower(*args).compile().as_text()
+      out = f(*args)
+      if groups == 2:
+        with pytest.raises(ValueError, match='2 groups, not a multiple of the 4 batch'):
+          tpu_attention.attention(*args[:3], None, args[3])
+    want = _numpy(q, _gathered(k, idx), _gathered(v, idx), keep)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-6, rtol=1e-5)
+    if groups == 4:
+      assert 'all-gather' not in hlo and 'all-to-all' not in hlo

@@ -57,28 +57,35 @@ class Dense(nn.Module):
   kernel: in_dims + features, named `in_axes + out_axes`; bias: features, named
   `out_axes`. (flax's DenseGeneral builds its kernel flat and reshapes it, which clashes
   with logical constraints on the multi-dim kernel, hence this small module.) Params are
-  float32; the matmul runs in `dtype`.
+  float32; the matmul runs in `dtype`. `flat`: multiply as one 2-D matmul over the
+  flattened dims, same params and values (see `Attention`).
   """
   features: tuple[int, ...]
   in_axes: tuple[str | None, ...]
   out_axes: tuple[str | None, ...]
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
+  flat: bool = False
 
   @nn.compact
   def __call__(self, x):
     n_in = len(self.in_axes)
+    in_dims = x.shape[x.ndim - n_in:]
     kernel = self.param('kernel', logical_init(self.kernel_init, self.in_axes + self.out_axes),
-                        x.shape[x.ndim - n_in:] + self.features, jnp.float32)
+                        in_dims + self.features, jnp.float32)
     bias = self.param('bias', logical_init(nn.initializers.zeros, self.out_axes),
                       self.features, jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    if self.flat:
+      lead = x.shape[:x.ndim - n_in]
+      y = x.reshape(lead + (-1,)).astype(self.dtype) @ kernel.reshape(np.prod(in_dims), -1)
+      return (y + bias.reshape(-1).astype(self.dtype)).reshape(lead + self.features)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
     return y + bias.astype(self.dtype)
 
 
-def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1):
+def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False):
   """A Dense whose kernel and bias carry logical axis names.
 
   `in_axis` names the contracted input dim(s) (a tuple when `axis` is a tuple);
@@ -89,7 +96,7 @@ def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1):
   if len(in_axes) != n_in:
     raise ValueError(f'dense {name}: {len(in_axes)} input axis names for {n_in} dims')
   features = features if isinstance(features, tuple) else (features,)
-  return Dense(features, in_axes, tuple(out_axes), dtype, init, name=name)
+  return Dense(features, in_axes, tuple(out_axes), dtype, init, flat, name=name)
 
 
 def layer_norm(eps, dtype, name):
@@ -110,15 +117,19 @@ def padding_mask(text_mask):
   return (text_mask > 0)[:, None, None, :]
 
 
-def attention(q, k, v, mask, implementation, kv_length=None):
+def attention(q, k, v, mask, implementation, kv_length=None, kv_index=None):
   """softmax(q k^T / sqrt(D), masked) v through `jax.nn.dot_product_attention`.
 
-  q: [B, T, H, D]; k, v: [B, S, H, D]; mask: bool broadcastable to [B, H, T, S], or None;
-  kv_length: only the first kv_length keys count (static; None = all S).
+  q: [B, T, H, D]; k, v: [B, S, H, D], or [N, S, H, D] with kv_index int [G, B/G]: query
+  row b attends to row b of `take_rows(k, kv_index)`; mask: bool broadcastable to
+  [B, H, T, S], or None; kv_length: only the first kv_length keys count (static; None = all).
   Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
   even lengths), so that it has one way of masking; 'pallas' is the TPU kernel of
-  `tpu_attention`.
+  `tpu_attention`, which reads indexed keys and values in place instead of gathering them.
   """
+  if kv_index is not None and not (implementation == 'pallas'
+                                   and tpu_attention.reads_in_place(kv_index)):
+    k, v, kv_index = take_rows(k, kv_index), take_rows(v, kv_index), None
   if kv_length is not None and (mask is not None or implementation != 'cudnn'):
     # A [1, 1, 1, S] mask: nothing per batch or head to store. (cuDNN without a mask
     # takes kv_length as sequence lengths instead, in even_length_attention.)
@@ -127,7 +138,7 @@ def attention(q, k, v, mask, implementation, kv_length=None):
   if implementation == 'cudnn':
     return even_length_attention(q, k, v, mask, implementation, kv_length)
   if implementation == 'pallas':
-    return tpu_attention.attention(q, k, v, mask)
+    return tpu_attention.attention(q, k, v, mask, kv_index)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
@@ -181,7 +192,8 @@ class Attention(nn.Module):
   query row b attends to row b of `take_rows(kv_in, kv_index)`; mask: bool broadcastable
   to [B, H, T, S]; kv_length: only the first kv_length keys count (static; None = all).
   Returns [B, T, Dq]. With `kv_index` the keys and values are projected once per kv_in
-  row and then gathered, so query rows that share an image share that work. Softmax runs
+  row and then gathered (or read in place by 'pallas'), so query rows that share an image
+  share that work. Softmax runs
   in float32 inside `jax.nn.dot_product_attention`.
   """
   num_heads: int
@@ -195,18 +207,21 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head = (self.num_heads, width // self.num_heads)
+    # The Pallas kernel reads [B, T, H * D] row-major. Projected as [B, T, H, D], XLA:TPU
+    # lays the result out as [B, H, D, T] and copies it to row-major before every kernel
+    # call (and back after the backward); as a 2-D matmul with the bias added before the
+    # reshape it writes row-major directly.
+    flat = self.implementation == 'pallas'
     proj = functools.partial(dense, head, 'embed', ('heads', 'kv'), dtype=self.dtype,
-                             init=self.kernel_init)
+                             init=self.kernel_init, flat=flat)
     q = proj(name='query')(q_in)
     k = proj(name='key')(kv_in)
     v = proj(name='value')(kv_in)
-    if kv_index is not None:
-      k, v = take_rows(k, kv_index), take_rows(v, kv_index)
     q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
                for t in (q, k, v))
-    out = attention(q, k, v, mask, self.implementation or None, kv_length)
+    out = attention(q, k, v, mask, self.implementation or None, kv_length, kv_index)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
-                name='out', axis=(-2, -1))(out)
+                name='out', axis=(-2, -1), flat=flat)(out)
     return constrain(out, ('act_batch', 'act_len', 'act_embed'))
 
 
