@@ -51,6 +51,9 @@ def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+QKV_AXES = ('act_batch', 'act_len', 'act_heads', 'act_kv')  # attention's [B, T, H, D]
+
+
 class Dense(nn.Module):
   """y = x . kernel + bias over the trailing `len(in_axes)` dims of x.
 
@@ -129,7 +132,9 @@ def attention(q, k, v, mask, implementation, kv_length=None, kv_index=None):
   """
   if kv_index is not None and not (implementation == 'pallas'
                                    and tpu_attention.reads_in_place(kv_index)):
-    k, v, kv_index = take_rows(k, kv_index), take_rows(v, kv_index), None
+    # Gathered per query row, and sharded as the query rows are.
+    k, v = (constrain(take_rows(x, kv_index), QKV_AXES) for x in (k, v))
+    kv_index = None
   if kv_length is not None and (mask is not None or implementation != 'cudnn'):
     # A [1, 1, 1, S] mask: nothing per batch or head to store. (cuDNN without a mask
     # takes kv_length as sequence lengths instead, in even_length_attention.)
@@ -193,8 +198,7 @@ class Attention(nn.Module):
   to [B, H, T, S]; kv_length: only the first kv_length keys count (static; None = all).
   Returns [B, T, Dq]. With `kv_index` the keys and values are projected once per kv_in
   row and then gathered (or read in place by 'pallas'), so query rows that share an image
-  share that work. Softmax runs
-  in float32 inside `jax.nn.dot_product_attention`.
+  share that work. Softmax runs in float32 inside the attention kernels.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -217,8 +221,7 @@ class Attention(nn.Module):
     q = proj(name='query')(q_in)
     k = proj(name='key')(kv_in)
     v = proj(name='value')(kv_in)
-    q, k, v = (constrain(t, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
-               for t in (q, k, v))
+    q, k, v = (constrain(t, QKV_AXES) for t in (q, k, v))
     out = attention(q, k, v, mask, self.implementation or None, kv_length, kv_index)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
                 name='out', axis=(-2, -1), flat=flat)(out)

@@ -144,13 +144,13 @@ def _forward(q, k, v, bias, index, heads, scale):
   """index: None, or (order [R], key row [R]) with key row sorted."""
   d, group, grid, q_spec, kv_spec, bias_spec = _blocks(q, k, heads, index is not None)
   r, t, s = q.shape[0], q.shape[1], k.shape[1]
-  kernel = _fwd_kernel if index is None else _indexed_fwd_kernel
   specs = dict(grid=grid, in_specs=[q_spec, kv_spec, kv_spec, bias_spec], out_specs=q_spec)
+  kernel, grid_spec = ((_fwd_kernel, pl.GridSpec(**specs)) if index is None else
+                       (_indexed_fwd_kernel,
+                        pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, **specs)))
   return pl.pallas_call(
       functools.partial(kernel, heads=group, d=d, scale=scale),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      **(specs if index is None else
-         {'grid_spec': pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, **specs)}),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid_spec=grid_spec,
       compiler_params=_params('parallel', 'parallel'), name='codis_attention_fwd',
       cost_estimate=pl.CostEstimate(  # 2 matmuls
           flops=4 * r * heads * t * s * d, transcendentals=r * heads * t * s,
