@@ -138,6 +138,53 @@ def test_flat_dense_same_params_and_values(features, in_axes, axis):
       jax.tree.map(np.shape, params)
 
 
+@pytest.mark.parametrize('n,dtype,tol', [(3, jnp.float32, 1e-5), (2, jnp.bfloat16, 3e-2)])
+def test_fused_projection_equals_separate_matmuls(n, dtype, tol):
+  """n projections of one input as one stacked matmul (self-attention's q, k, v; cross-
+  attention's k, v): each Dense keeps its own float32 parameters, and the outputs and the
+  gradients of sum_i <c_i, out_i> (input, kernels, biases) equal numpy's n separate
+  matmuls."""
+  rs = np.random.RandomState(2)
+  b, t, c, h, d = 2, 5, 12, 3, 4
+  names = ('query', 'key', 'value')[:n]
+  x = rs.randn(b, t, c).astype(np.float32)
+  cots = [rs.randn(b, t, h, d).astype(np.float32) for _ in names]
+
+  class Fused(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.fused_projection(x, [
+          layers.dense((h, d), 'embed', ('heads', 'kv'), dtype=dtype,
+                       init=nn.initializers.normal(1.0), name=name) for name in names])
+
+  params = nn.meta.unbox(Fused().init(jax.random.key(0), x)['params'])
+  assert sorted(params) == sorted(names)
+  assert all(params[k]['kernel'].shape == (c, h, d) and params[k]['bias'].shape == (h, d)
+             for k in names)
+  params = jax.tree.map(lambda p: p + rs.randn(*p.shape).astype(np.float32), params)
+  loss = lambda p, x: sum(jnp.vdot(o.astype(jnp.float32), ci)
+                          for o, ci in zip(Fused().apply({'params': p}, x), cots))
+  outs = Fused().apply({'params': params}, x)
+  g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+
+  # The reference rounds what the kernel rounds (inputs and kernels to dtype).
+  rnd = lambda a: np.float64(np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)))
+  xr = rnd(x)
+  scale = lambda a: tol * max(1.0, np.abs(a).max())
+  for name, out, ci in zip(names, outs, cots):
+    w, bias = rnd(params[name]['kernel']), np.float64(params[name]['bias'])
+    assert out.dtype == dtype and g_params[name]['bias'].dtype == jnp.float32
+    want = np.einsum('btc,chd->bthd', xr, w) + bias
+    np.testing.assert_allclose(np.float32(out), want, rtol=tol, atol=scale(want))
+    want = np.einsum('btc,bthd->chd', xr, ci)
+    np.testing.assert_allclose(g_params[name]['kernel'], want, rtol=tol, atol=scale(want))
+    want = ci.sum((0, 1))
+    np.testing.assert_allclose(g_params[name]['bias'], want, rtol=tol, atol=scale(want))
+  want = sum(np.einsum('bthd,chd->btc', ci, rnd(params[k]['kernel']))
+             for k, ci in zip(names, cots))
+  np.testing.assert_allclose(g_x, want, rtol=tol, atol=scale(want))
+
+
 def test_take_rows_picks_within_groups():
   x = np.arange(6 * 2).reshape(6, 2)
   index = np.array([[0, 2, 1, 0], [1, 1, 0, 2]])  # 2 groups of 3 rows
