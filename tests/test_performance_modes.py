@@ -283,9 +283,11 @@ def test_even_length_attention_is_exact(t, s, masked):
     np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), atol=1e-5, rtol=1e-4)
 
 
-def test_cudnn_attention_module_hands_the_kernel_even_lengths(monkeypatch):
+@pytest.mark.parametrize('cross', [False, True])
+def test_cudnn_attention_module_hands_the_kernel_even_lengths(monkeypatch, cross):
   # cuDNN has no CPU kernel: record what the module passes it, run that through XLA, and
-  # check the module's output against the float64 reference.
+  # check the module's output (its projections fused: q, k, v, or k, v) against the
+  # float64 reference.
   seen = []
   plain = jax.nn.dot_product_attention
 
@@ -297,12 +299,14 @@ def test_cudnn_attention_module_hands_the_kernel_even_lengths(monkeypatch):
   rs = np.random.RandomState(1)
   b, t, s, d, heads = 2, 5, 9, 16, 4
   x_q = rs.randn(b, t, d).astype(np.float32)
-  x_kv = rs.randn(b, s, d).astype(np.float32)
+  x_kv = rs.randn(b, s, d).astype(np.float32) if cross else x_q
   attn = layers.Attention(heads, implementation='cudnn')
   params = nn.meta.unbox(attn.init(jax.random.key(0), x_q, x_kv)['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * rs.randn(*p.shape).astype(np.float32), params)
   seen.clear()
   got = attn.apply({'params': params}, x_q, x_kv)
-  assert seen == [(6, 10, 'cudnn', True)]  # padded to even, lengths instead of a bias
+  # Padded to even lengths, passed as sequence lengths instead of a bias.
+  assert seen == [(6, 10 if cross else 6, 'cudnn', True)]
   want = _reference_attention(x_q, x_kv, None, jax.tree.map(np.asarray, params), heads)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
 
