@@ -40,8 +40,22 @@ def reference():
 
 @pytest.mark.parametrize('mesh_sizes', [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_mesh_step_matches_single_device(reference, tiny_config, mesh_sizes):
-  ref_state, ref_metrics = reference
-  state, metrics = _run(tiny_config, mesh_sizes)
+  _assert_matches(_run(tiny_config, mesh_sizes), reference)
+
+
+def test_cudnn_path_on_a_mesh_matches_single_device(reference, tiny_config, monkeypatch):
+  """attention_impl='cudnn' (fused q/k/v projections, even-length padding; the kernel run
+  through XLA, as cuDNN has no CPU kernel) on a data x fsdp x tensor mesh equals the
+  single-device step with XLA's attention and separate projections."""
+  plain = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **kw: plain(*a, **{**kw, 'implementation': 'xla'}))
+  tiny_config.model.attention_impl = 'cudnn'
+  _assert_matches(_run(tiny_config, (2, 2, 2)), reference)
+
+
+def _assert_matches(run, reference):
+  (state, metrics), (ref_state, ref_metrics) = run, reference
   for m, r in zip(metrics, ref_metrics):
     for k in r:
       np.testing.assert_allclose(m[k], r[k], rtol=2e-4, atol=1e-5, err_msg=k)
@@ -51,6 +65,7 @@ def test_mesh_step_matches_single_device(reference, tiny_config, mesh_sizes):
   close(state.image_queue, ref_state.image_queue)
   close(state.text_queue, ref_state.text_queue)
   assert int(state.queue_ptr) == int(ref_state.queue_ptr)
+
 
 def test_state_is_sharded_as_configured(tiny_config):
   tiny_config.mesh.update(data=2, fsdp=4, tensor=1)
