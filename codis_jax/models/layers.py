@@ -81,8 +81,8 @@ class Dense(nn.Module):
 
   def __call__(self, x):
     n_in = len(self.in_axes)
-    kernel, bias = self.weights(x.shape[x.ndim - n_in:])
-    in_dims = kernel.shape[:n_in]
+    in_dims = x.shape[x.ndim - n_in:]
+    kernel, bias = self.weights(in_dims)
     kernel = kernel.astype(self.dtype)
     if self.flat:
       lead = x.shape[:x.ndim - n_in]
@@ -209,11 +209,11 @@ def fused_projection(x, denses):
   dtype = denses[0].dtype
   kernel = jnp.stack([w for w, _ in ws], 1).astype(dtype)  # [C, n, H, D]
   y = jnp.einsum('btc,cnhd->btnhd', x.astype(dtype), kernel)
-  return split_add_bias(y, jnp.stack([b for _, b in ws]))
+  return _split_add_bias(y, jnp.stack([b for _, b in ws]))
 
 
 @jax.custom_vjp
-def split_add_bias(y, bias):
+def _split_add_bias(y, bias):
   """y [B, T, n, H, D], bias float32 [n, H, D] -> n arrays [B, T, H, D], y[:, :, i] +
   bias[i] in y's dtype.
 
@@ -225,7 +225,7 @@ def split_add_bias(y, bias):
 
 
 def _split_add_bias_fwd(y, bias):
-  return split_add_bias(y, bias), None
+  return _split_add_bias(y, bias), None
 
 
 def _split_add_bias_bwd(_, gs):
@@ -233,7 +233,7 @@ def _split_add_bias_bwd(_, gs):
   return dy, dy.astype(jnp.float32).sum((0, 1))
 
 
-split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)
+_split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)
 
 
 class Attention(nn.Module):
@@ -267,9 +267,10 @@ class Attention(nn.Module):
     proj = functools.partial(dense, head, 'embed', ('heads', 'kv'), dtype=self.dtype,
                              init=self.kernel_init, flat=flat)
     if self.implementation != 'cudnn':
-      # With XLA's attention fusing did not pay: the same H200 roofline (54.63 -> 54.57
-      # ms), and 10% more HBM traffic on a v6e (127.0 -> 140.1 GB), its batched matmuls
-      # reading the split q, k, v at a costlier layout.
+      # 'pallas' keeps its 2-D projections (above). With XLA's attention fusing did not
+      # pay: the same H200 roofline (54.63 -> 54.57 ms), and 10% more HBM traffic on a
+      # v6e (127.0 -> 140.1 GB), its batched matmuls reading the split q, k, v at a
+      # costlier layout.
       q, k, v = (proj(name=n)(x) for n, x in (('query', q_in), ('key', kv_in),
                                               ('value', kv_in)))
     elif kv_in is q_in:
