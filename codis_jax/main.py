@@ -97,10 +97,6 @@ def train_mode(config, workdir):
   import jax  # pylint: disable=import-outside-toplevel
   from codis_jax import loop, metrics_log, pretrain_eval  # pylint: disable=import-outside-toplevel
 
-  if config.model.attention_impl == 'pallas' and jax.default_backend() != 'tpu':
-    raise ValueError("config.model.attention_impl='pallas' is the TPU attention kernel; "
-                     f"this run's devices are {jax.default_backend()}: use '' or 'xla' "
-                     "('cudnn' on GPUs)")
   has_set = pretrain_eval.has_retrieval_set(config)
   evaluate = None
   if config.eval.every_steps and has_set:
@@ -125,6 +121,17 @@ def train_mode(config, workdir):
     if path:
       print(f'loss curve: {path}', flush=True)
   return 0
+
+
+def check_attention_backend(config, backend: str):
+  """A clear error for an attention kernel of another kind of chip than `backend`'s."""
+  impl = config.model.attention_impl
+  kernels = {'pallas': ('tpu', 'the TPU attention kernel', "('cudnn' on GPUs)"),
+             'cudnn': ('gpu', "NVIDIA's flash attention", "('pallas' on TPUs)")}
+  if impl in kernels and backend != kernels[impl][0]:
+    raise ValueError(f"config.model.attention_impl={impl!r} is {kernels[impl][1]}; this "
+                     f"run's devices are {backend}: use '' or 'xla' {kernels[impl][2]}, "
+                     "or the config variant for these devices")
 
 
 def config_mode(config, workdir):
@@ -165,6 +172,8 @@ def main(argv):
   if jax.process_index() == 0 and FLAGS.mode != 'export':  # export reads a run's workdir
     write_config(config, workdir)
   try:
+    if FLAGS.mode != 'export':  # export runs no model
+      check_attention_backend(config, jax.default_backend())
     return run(config, workdir) or 0
   except (loop.RunError, checkpoint.CheckpointError, ValueError) as e:
     # ValueError: DataError and the config checks of the step, mesh and optimiser. The

@@ -11,7 +11,11 @@ Variants (Table 4/5 of the paper are one flag each):
   intra_cross      ablation: intra + cross alignment, no codebook
   codebook_student ablation: transport plans from student (not teacher) features
   codebook_500     ablation: 500 codewords (any size: --config.model.codebook_size=N)
-Variants compose with commas: `configs/pretrain.py:demo,cross_only`.
+  gpu              the fast settings for NVIDIA GPUs: bf16 compute, cuDNN flash attention,
+                   image tokens padded to a multiple of 8 and text to an even length
+  tpu              the fast settings for TPUs: bf16 compute, this project's Pallas attention
+Variants compose with commas: `configs/pretrain.py:demo,cross_only`, `:gpu,intra_cross`.
+The paper variant itself computes in float32 with XLA's attention (what runs anywhere).
 """
 
 import ml_collections
@@ -204,6 +208,15 @@ def _ablation(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   return c
 
 
+# Performance knobs only (README "Performance"): the math is the same to float rounding,
+# and a checkpoint from one loads in the others.
+_HARDWARE = {
+    'gpu': dict(dtype='bfloat16', attention_impl='cudnn', pad_image_tokens=8,
+                pad_text_tokens=2),
+    'tpu': dict(dtype='bfloat16', attention_impl='pallas'),
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _paper()
   for name in filter(None, (arg or 'paper').split(',')):
@@ -215,8 +228,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c = _demo(c)
     elif name in _ABLATIONS:
       c = _ablation(c, name)
+    elif name in _HARDWARE:
+      c.model.update(_HARDWARE[name])
     else:
       raise ValueError(
           f'configs/pretrain.py: unknown variant {name!r}; choose from paper, demo, tiny, '
-          + ', '.join(_ABLATIONS))
+          + ', '.join(_ABLATIONS + tuple(_HARDWARE)))
   return c

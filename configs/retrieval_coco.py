@@ -15,8 +15,8 @@ The pretraining config (configs/pretrain.py) plus three sections:
 The model architecture comes from the checkpoint; image_size (384: ALBEF fine-tunes and
 evaluates ViT-B/16 at 384 with interpolated position embeddings) from here.
 
-Variants: the pretraining ones ('paper' default, 'demo', 'tiny'; commas compose); their
-image size is scaled by 384/256 like the paper's. 'emoji' swaps the data for the bundled
+Variants: the pretraining ones ('paper' default, 'demo', 'tiny', 'gpu', 'tpu'; commas
+compose); their image size is scaled by 384/256 like the paper's. 'emoji' swaps the data for the bundled
 emoji set (train split / held-out test) and the bert-base-uncased vocabulary, e.g.
 `configs/retrieval_coco.py:demo,emoji` for a CPU-sized run.
 """

@@ -4,11 +4,12 @@
 #   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/workdir --config.mesh.fsdp=16
 # The repo must already be on every worker (e.g. git clone + launch/setup.sh through the
 # same --worker=all ssh). Checkpoints and logs go to the gs:// workdir; data paths may be
-# gs:// too. Preemption sends SIGTERM: the program checkpoints and exits 0.
+# gs:// too. Preemption sends SIGTERM: the program checkpoints and exits 0. CONFIG defaults
+# to the paper's settings with the TPU variant's knobs (bf16, Pallas attention).
 set -euo pipefail
 tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [--config.key=value ...]}
 zone=${2:?zone}; workdir=${3:?workdir}; shift 3
 overrides=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
   cd ~/codis_jax && .venv/bin/python -m codis_jax.main \
-    --config=${CONFIG:-configs/pretrain.py} --workdir=$workdir $overrides"
+    --config=${CONFIG:-configs/pretrain.py:tpu} --workdir=$workdir $overrides"

@@ -93,9 +93,14 @@ def test_overrides_reach_the_config_and_bad_ones_fail_in_one_line(tmp_path):
     assert rc == 2 and len(lines) == 1 and want in lines[0], out
 
 
-def test_tpu_attention_kernel_off_a_tpu_is_a_clear_error(tmp_path):
-  rc, out = _finish(_main(tmp_path, '--config.model.attention_impl=pallas'))
-  assert rc == 1 and "attention_impl='pallas' is the TPU attention kernel" in out, out
+@pytest.mark.parametrize('impl, what, mode', [
+    ('pallas', 'the TPU attention kernel', 'train'),
+    ('cudnn', "NVIDIA's flash attention", 'train'),
+    ('cudnn', "NVIDIA's flash attention", 'eval')])
+def test_accelerator_attention_kernel_off_its_chip_is_a_clear_error(tmp_path, impl, what,
+                                                                    mode):
+  rc, out = _finish(_main(tmp_path, f'--config.model.attention_impl={impl}', f'--mode={mode}'))
+  assert rc == 1 and f"attention_impl='{impl}' is {what}" in out, out
   assert "this run's devices are cpu" in out and 'Traceback' not in out
 
 
