@@ -208,8 +208,9 @@ def _ablation(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   return c
 
 
-# Performance knobs only (README "Performance"): the math is the same to float rounding,
-# and a checkpoint from one loads in the others.
+# Performance knobs only (README "Performance"): the same model and losses, in bf16
+# compute (float32 master weights) and, with dropout, other draws of its masks; the state
+# has the same shapes, so a checkpoint from one resumes in the others.
 _HARDWARE = {
     'gpu': dict(dtype='bfloat16', attention_impl='cudnn', pad_image_tokens=8,
                 pad_text_tokens=2),
