@@ -17,6 +17,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -28,6 +29,7 @@ from codis_jax.evaluate import gradcam
 from codis_jax.evaluate import run
 from codis_jax.evaluate import weights
 from codis_jax.models import codis
+from configs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_SCALE = 10.0
@@ -99,6 +101,18 @@ def test_explicit_cross_attention_is_the_models(pretrained):
                                 mask[0])
   assert maps.shape == (12, 2, 2) and np.isfinite(logit)
   assert np.all(maps >= 0) and np.all(maps[7:] == 0) and maps[1:6].sum() > 0
+  # A checkpoint of the gpu variant (cuDNN attention: no CPU kernel; text padded to even
+  # lengths, here 11 -> 12): the same maps, computed with the plain settings.
+  fast = ml_collections.ConfigDict(mc.to_dict())
+  fast.update(pretrain.get_config('gpu').model.to_dict() | {
+      k: v for k, v in mc.items() if k not in gradcam.PLAIN_MODEL})
+  assert fast.attention_impl == 'cudnn' and fast.pad_text_tokens == 2
+  image = rs.randn(16, 16, 3).astype(np.float32)
+  for length in (11, 12):
+    got = gradcam.gradcam(fast, params, image, ids[0, :length], mask[0, :length])
+    want = gradcam.gradcam(mc, params, image, ids[0, :length], mask[0, :length])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert got[1] == want[1]
   words, grouped = gradcam.word_maps(['red', 'acc', '##ord', '##ion'], maps[1:5])
   assert words == ['red', 'accordion']
   np.testing.assert_allclose(grouped[1], maps[2:5].mean(0))

@@ -32,6 +32,11 @@ from codis_jax.models import layers
 
 log = logging.getLogger('codis_jax.evaluate')
 PANEL_INCHES, DPI = 2.0, 100  # each panel 200 x 240 px
+# One image on any machine, in float32: a checkpoint's performance knobs (its `gpu` or
+# `tpu` variant's kernels, or text padding, which would change the maps' query length)
+# are reset to these.
+PLAIN_MODEL = dict(dtype='float32', attention_impl='', remat='none', pad_image_tokens=0,
+                   pad_text_tokens=0)
 
 
 def default_layer(model_config):
@@ -70,7 +75,8 @@ def gradcam(model_config, params, image, ids, mask, *, layer=None):
   -> (maps float32 [L, gh, gw] (0 on padding), ITM match logit). `layer` is the ALBEF
   layer number (text_layers .. text_layers + fusion_layers - 1).
   """
-  c = model_config
+  c = ml_collections.ConfigDict(model_config.to_dict())
+  c.update({k: v for k, v in PLAIN_MODEL.items() if k in c})
   layer = default_layer(c) if layer is None or layer < 0 else layer
   if not c.text_layers <= layer < c.text_layers + c.fusion_layers:
     raise ValueError(f'layer {layer} is not a fusion layer: choose from '
