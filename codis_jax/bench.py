@@ -52,8 +52,8 @@ def _define_flags():
   flags.DEFINE_multi_string('variant', [], 'Repeatable: a comma-separated override list '
                             '(as --set) for one more run of each config, in this process '
                             '(the fresh train state is shared, see StateCache).')
-  flags.DEFINE_bool('parts', False, 'After the first variant, time the step\'s parts alone '
-                    '(codis_jax.step_parts) in its mode.')
+  flags.DEFINE_bool('parts', False, 'After the first variant that runs, time the step\'s parts '
+                    'alone (codis_jax.step_parts) in its mode.')
   flags.DEFINE_bool('pipeline', True, 'Also measure the tf.data pretraining pipeline '
                     "(pairs/s at the configs' image sizes) to set beside the step.")
 
@@ -344,7 +344,17 @@ def main(argv):
   if FLAGS.set:
     print(f'config overrides: {", ".join(FLAGS.set)}')
   print(HEADER)
+  # The trace and the parts go to the first variant that runs: one failing (e.g. a kernel
+  # this device lacks) leaves them, and the other variants, to the next.
   states, failed, first = StateCache(), [], True
+
+  def fail(name, overrides, what, e):
+    failed.append(f'{name} [{", ".join(overrides)}]{what}: {type(e).__name__}: {e}'[:2000])
+    print(f'| {name} | FAILED: {failed[-1][:300]} |', flush=True)
+    if FLAGS.json:
+      with open(FLAGS.json, 'a') as f:
+        f.write(json.dumps(dict(config=name, overrides=overrides, error=failed[-1])) + '\n')
+
   for name in FLAGS.configs:
     for variant in FLAGS.variant or ['']:
       overrides = list(FLAGS.set) + [o for o in variant.split(',') if o]
@@ -353,19 +363,18 @@ def main(argv):
                      FLAGS.attention, FLAGS.profile_dir if first else '', report=_report,
                      overrides=overrides, init=states, process_peak=first)
       except Exception as e:  # pylint: disable=broad-except
-        # One variant failing (e.g. a kernel this device lacks) leaves the others to run.
-        failed.append(f'{name} [{", ".join(overrides)}]: {type(e).__name__}: {e}'[:2000])
-        print(f'| {name} | FAILED: {failed[-1][:300]} |', flush=True)
-        if FLAGS.json:
-          with open(FLAGS.json, 'a') as f:
-            f.write(json.dumps(dict(config=name, overrides=overrides, error=failed[-1])) + '\n')
+        fail(name, overrides, '', e)
+        continue
       if first and FLAGS.parts:
         from codis_jax import step_parts  # pylint: disable=import-outside-toplevel
         config = make_config(name, FLAGS.batch, FLAGS.dtype, FLAGS.remat, FLAGS.attention,
                              overrides)
         print(f'step parts, {name} [{", ".join(overrides) or "config as is"}]:')
-        print(step_parts.format_rows(step_parts.measure(config, FLAGS.steps, init=states)),
-              flush=True)
+        try:
+          print(step_parts.format_rows(step_parts.measure(config, FLAGS.steps, init=states)),
+                flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          fail(name, overrides, ' (step parts)', e)
       first = False
   if FLAGS.pipeline:
     from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel

@@ -6,8 +6,8 @@
 # 1. One bench process: the paper config at batch 64 per chip in each variant of $VARIANTS
 #    (space-separated; each a comma-separated list of config overrides, "-" = as the config
 #    is, after DTYPE), sharing one fresh train state (bench.StateCache: the paper state took
-#    ~60 s to initialise on an H200, the step ~85 s to compile). The first variant also
-#    writes a jax.profiler trace of 3 steps and then times the step's parts alone
+#    ~60 s to initialise on an H200, the step ~85 s to compile). The first variant that
+#    runs also writes a jax.profiler trace of 3 steps and then times the step's parts alone
 #    (codis_jax.step_parts). A variant that fails is reported and the next one runs.
 # 2. The GPU-only tests (cuDNN attention and its gradients vs references).
 # The script keeps within $BUDGET seconds (default 560, under a device call's 10 minutes):
@@ -27,12 +27,13 @@ budget=${BUDGET:-560}
 test_timeout=${TEST_TIMEOUT:-90}
 config=${CONFIG:-paper} batch=${BATCH:-64}  # e.g. CONFIG=tiny BATCH=8 for a CPU dry run
 dtype=${DTYPE:-bfloat16}
-# Baseline (XLA attention, keys/values shared per image), cuDNN attention, cuDNN on image
-# tokens padded to 264 and text to 26 (the roofline's best), the baseline without the
-# sharing, and the best at batch 128 (the one roofline over 45% MFU; a fresh state). In
-# the order of what matters most, in case the budget runs out.
+# The gpu variant (configs/pretrain.py:gpu: cuDNN attention, image tokens padded to 264 and
+# text to 26; what the GPU launchers run), the baseline (XLA attention, keys/values shared
+# per image), cuDNN attention alone, the baseline without the sharing, and the gpu variant
+# at batch 128 (a fresh state). In the order of what matters most, in case the budget runs
+# out; if cuDNN's kernel fails, the baseline gets the trace and the parts.
 best=model.attention_impl=cudnn,model.pad_image_tokens=8,model.pad_text_tokens=2
-variants=${VARIANTS:-"- model.attention_impl=cudnn $best model.share_image_kv=false $best,batch_size=128"}
+variants=${VARIANTS:-"$best - model.attention_impl=cudnn model.share_image_kv=false $best,batch_size=128"}
 
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv

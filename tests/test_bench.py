@@ -1,10 +1,16 @@
 """The step benchmark runs, and its model FLOPs agree with XLA's own CPU count."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from codis_jax import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_tiny_model_flops_agree_with_xla_cpu_cost_analysis():
@@ -75,3 +81,21 @@ def test_peak_flops_by_device_kind(kind, peak):
   # JAX's kinds: v5e is 'TPU v5 lite' and v5p plain 'TPU v5' (a prefix of v5e's).
   device = type('Device', (), {'device_kind': kind})()
   assert bench.device_peak_flops(device) == peak
+
+
+def test_a_failing_variant_leaves_the_trace_and_parts_to_the_next(tmp_path):
+  """bench_gpu.sh runs the GPU variant first: when its kernel fails (here cuDNN on a CPU),
+  the next variant still runs and gets the profiler trace and the step's parts."""
+  out = tmp_path / 'bench.jsonl'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'codis_jax.bench', '--configs=tiny', '--batch=4', '--steps=1',
+       '--variant=model.attention_impl=cudnn', '--variant=', '--parts', '--nopipeline',
+       f'--json={out}', f'--profile_dir={tmp_path / "trace"}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and '1 variant(s) failed' in proc.stderr, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 2 and 'cuDNN' in rows[0]['error'] and rows[0]['overrides'] == [
+      'model.attention_impl=cudnn']
+  assert 'error' not in rows[1] and rows[1]['step_s'] > 0
+  assert 'step parts, tiny [config as is]:' in proc.stdout
+  assert any(files for _, _, files in os.walk(tmp_path / 'trace'))
