@@ -38,3 +38,12 @@ from batches import make_batch  # noqa: E402,F401  (re-exported for the tests)
 @pytest.fixture
 def tiny_config():
   return pretrain.get_config('tiny')
+
+
+@pytest.fixture
+def cudnn_via_xla(monkeypatch):
+  """cuDNN has no CPU kernel (not even to trace): every jax.nn.dot_product_attention call,
+  'cudnn' ones included, runs XLA's with the same arguments."""
+  plain = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **kw: plain(*a, **{**kw, 'implementation': 'xla'}))

@@ -103,9 +103,9 @@ def test_explicit_cross_attention_is_the_models(pretrained):
   assert np.all(maps >= 0) and np.all(maps[7:] == 0) and maps[1:6].sum() > 0
   # A checkpoint of the gpu variant (cuDNN attention: no CPU kernel; text padded to even
   # lengths, here 11 -> 12): the same maps, computed with the plain settings.
+  gpu = pretrain.get_config('gpu').model
   fast = ml_collections.ConfigDict(mc.to_dict())
-  fast.update(pretrain.get_config('gpu').model.to_dict() | {
-      k: v for k, v in mc.items() if k not in gradcam.PLAIN_MODEL})
+  fast.update({k: gpu[k] for k in gradcam.PLAIN_MODEL})
   assert fast.attention_impl == 'cudnn' and fast.pad_text_tokens == 2
   image = rs.randn(16, 16, 3).astype(np.float32)
   for length in (11, 12):

@@ -43,13 +43,11 @@ def test_mesh_step_matches_single_device(reference, tiny_config, mesh_sizes):
   _assert_matches(_run(tiny_config, mesh_sizes), reference)
 
 
-def test_cudnn_path_on_a_mesh_matches_single_device(reference, tiny_config, monkeypatch):
+def test_cudnn_path_on_a_mesh_matches_single_device(reference, tiny_config, cudnn_via_xla):
   """attention_impl='cudnn' (fused q/k/v projections, even-length padding; the kernel run
   through XLA, as cuDNN has no CPU kernel) on a data x fsdp x tensor mesh equals the
   single-device step with XLA's attention and separate projections."""
-  plain = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, 'dot_product_attention',
-                      lambda *a, **kw: plain(*a, **{**kw, 'implementation': 'xla'}))
+  del cudnn_via_xla
   tiny_config.model.attention_impl = 'cudnn'
   _assert_matches(_run(tiny_config, (2, 2, 2)), reference)
 

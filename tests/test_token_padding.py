@@ -23,18 +23,11 @@ def _attention_np(q, k, v, kv_length):
   return np.einsum('bhts,bshd->bthd', w / w.sum(-1, keepdims=True), v[:, :kv_length])
 
 
-def _xla_for_cudnn(monkeypatch):
-  """cuDNN has no CPU kernel: run what the module hands it through XLA instead."""
-  plain = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, 'dot_product_attention',
-                      lambda *a, **kw: plain(*a, **{**kw, 'implementation': 'xla'}))
-
-
 @pytest.mark.parametrize('impl', [None, 'cudnn'])
 @pytest.mark.parametrize('masked', [False, True])
-def test_attention_kv_length_ignores_the_padded_keys(impl, masked, monkeypatch):
+def test_attention_kv_length_ignores_the_padded_keys(impl, masked, request):
   if impl == 'cudnn':
-    _xla_for_cudnn(monkeypatch)
+    request.getfixturevalue('cudnn_via_xla')
   rs = np.random.RandomState(0)
   b, t, s, h, d, n = 2, 7, 8, 2, 4, 5
   q, k, v = (rs.randn(b, m, h, d).astype(np.float32) for m in (t, s, s))
@@ -52,9 +45,9 @@ def test_attention_kv_length_ignores_the_padded_keys(impl, masked, monkeypatch):
 
 
 @pytest.mark.parametrize('impl', [None, 'cudnn'])
-def test_vit_on_padded_tokens_equals_unpadded(impl, monkeypatch):
+def test_vit_on_padded_tokens_equals_unpadded(impl, request):
   if impl == 'cudnn':
-    _xla_for_cudnn(monkeypatch)
+    request.getfixturevalue('cudnn_via_xla')
   images = jnp.asarray(np.random.RandomState(1).randn(2, 24, 24, 3).astype(np.float32))
   make = lambda pad: vit.ViT(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
                              attention_impl=impl, pad_tokens_to=pad)
@@ -76,11 +69,11 @@ def _close(got, want, rtol=1e-5):
 
 
 @pytest.mark.parametrize('impl', [None, 'cudnn'])
-def test_fusion_stack_on_padded_text_equals_unpadded(impl, monkeypatch):
+def test_fusion_stack_on_padded_text_equals_unpadded(impl, request):
   """BertStack with pad_tokens_to (text 5 -> 8, masked), cross-attending to images gathered
   per row: outputs and all gradients equal the unpadded stack's."""
   if impl == 'cudnn':
-    _xla_for_cudnn(monkeypatch)
+    request.getfixturevalue('cudnn_via_xla')
   rs = np.random.RandomState(3)
   b, t, s, d = 4, 5, 7, 16
   x = jnp.asarray(rs.randn(b, t, d).astype(np.float32))
