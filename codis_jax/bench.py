@@ -177,7 +177,8 @@ def synthetic_batch(config, b):
   m = config.model
   ids = rs.randint(5, m.vocab_size, (b, config.text_len)).astype(np.int32)
   ids[:, 0] = m.cls_id
-  return {'image': rs.randn(b, m.image_size, m.image_size, 3).astype(np.float32),
+  # uint8 pixels, as the data pipeline hands them over (the model normalises them).
+  return {'image': rs.randint(0, 256, (b, m.image_size, m.image_size, 3)).astype(np.uint8),
           'text_ids': ids, 'text_mask': np.ones_like(ids),
           'image_id': np.arange(b, dtype=np.int32)}
 

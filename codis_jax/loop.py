@@ -260,6 +260,9 @@ def train(config, workdir, evaluate=None) -> Result:
       for step in range(start + 1, total + 1):
         batch = next(data)
         if step == config.debug.nan_step:
+          if not np.issubdtype(batch['image'].dtype, np.floating):
+            raise ValueError('debug.nan_step needs float images (the synthetic data); this '
+                             f"source gives {batch['image'].dtype} pixels, which hold no NaN")
           batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
         batch = sharding.shard_batch(mesh, batch)
         if compiled is None:  # compiled once, ahead of time

@@ -63,7 +63,7 @@ def compile_step(config, num_devices: int, layout: str = 'fsdp'):
   b, m = config.batch_size, config.model
   bs = sharding.batch_sharding(mesh)
   batch = {
-      'image': jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), 'float32',
+      'image': jax.ShapeDtypeStruct((b, m.image_size, m.image_size, 3), 'uint8',
                                     sharding=bs),
       'text_ids': jax.ShapeDtypeStruct((b, config.text_len), 'int32', sharding=bs),
       'text_mask': jax.ShapeDtypeStruct((b, config.text_len), 'int32', sharding=bs),

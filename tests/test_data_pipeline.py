@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from codis_jax.data import create_pipeline, tokenize, transforms
+from codis_jax.data import create_pipeline, tokenize
 from test_data_fixtures import (caption, data_config, take, write_json_set,
                                 write_prepared_set, write_wds_set)
 
@@ -32,14 +32,11 @@ def test_batch_contract(tmp_path):
   assert it.num_examples == 20 and it.steps_per_epoch == 2
   b = next(it)
   assert set(b) == {'image', 'text_ids', 'text_mask', 'image_id'}
-  assert b['image'].shape == (8, S, S, 3) and b['image'].dtype == np.float32
+  assert b['image'].shape == (8, S, S, 3) and b['image'].dtype == np.uint8
   assert b['text_ids'].shape == (8, L) and b['text_ids'].dtype == np.int32
   assert b['text_mask'].shape == (8, L) and b['text_mask'].dtype == np.int32
   assert b['image_id'].shape == (8,) and b['image_id'].dtype == np.int32
-  lo = (0 - np.asarray(transforms.MEAN)) / np.asarray(transforms.STD)
-  hi = (1 - np.asarray(transforms.MEAN)) / np.asarray(transforms.STD)
-  assert np.all(b['image'] >= lo - 1e-4) and np.all(b['image'] <= hi + 1e-4)
-  assert b['image'].std() > 0.05
+  assert b['image'].std() > 10  # real pixels, not a blank
   assert np.all(b['text_ids'][:, 0] == 101)  # [CLS]
   lengths = b['text_mask'].sum(1)
   assert np.all(b['text_ids'][np.arange(8), lengths - 1] == 102)  # [SEP]

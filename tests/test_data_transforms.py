@@ -1,11 +1,11 @@
-"""Decoding to RGB, ALBEF's RandAugment ops (against PIL / numpy references), transforms."""
+"""Decoding to RGB, ALBEF's RandAugment ops (against PIL / numpy references), transforms,
+and the model's normalisation of the uint8 pixels they produce."""
 
 import io
 
 import numpy as np
 from PIL import Image, ImageOps
 import pytest
-import tensorflow as tf
 
 from codis_jax.data import randaugment as ra
 from codis_jax.data import transforms
@@ -68,51 +68,109 @@ def test_decode_rejects_corrupt_and_drafts_large_jpegs():
   assert transforms.decode_image(big).shape == (1500, 2000, 3)
 
 
-def _tf(x):
-  return tf.constant(x, tf.float32)
+LEVEL = 7 / 10  # ALBEF's magnitude 7 of MAX_LEVEL 10
+FACTOR = LEVEL * 1.8 + 0.1  # ALBEF enhance_level_to_args
 
 
-def test_equalize_and_autocontrast_match_pil():
+def _bilinear_warp(img, forward, fill=128.0):
+  """numpy reference of cv2.warpAffine(img, forward, INTER_LINEAR, constant fill): each
+  output pixel samples the input at inverse(forward) @ (x, y, 1). Also returns where all
+  four taps fall inside the image."""
+  h, w = img.shape[:2]
+  full = np.vstack([np.asarray(forward, np.float64), [0, 0, 1]])
+  inv = np.linalg.inv(full)[:2]
+  ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+  sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+  sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+  x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+  fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+  padded = np.pad(img.astype(np.float64), ((2, 2), (2, 2), (0, 0)), constant_values=fill)
+  tap = lambda yy, xx: padded[np.clip(yy + 2, 0, h + 3), np.clip(xx + 2, 0, w + 3)]
+  out = ((1 - fy) * ((1 - fx) * tap(y0, x0) + fx * tap(y0, x0 + 1))
+         + fy * ((1 - fx) * tap(y0 + 1, x0) + fx * tap(y0 + 1, x0 + 1)))
+  inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < w) & (y0 + 1 < h)
+  outside = (x0 + 1 < 0) | (y0 + 1 < 0) | (x0 >= w) | (y0 >= h)
+  return out, inside, outside
+
+
+def test_equalize_autocontrast_brightness_match_pil_and_albef():
   img = np.clip(_photo(40, 40) * 0.5 + 40, 0, 255).astype(np.uint8)
-  ours = ra.equalize(_tf(img)).numpy()
-  np.testing.assert_array_equal(ours, np.asarray(ImageOps.equalize(Image.fromarray(img))))
-  ours = ra.auto_contrast(_tf(img)).numpy()
-  ref = np.asarray(ImageOps.autocontrast(Image.fromarray(img)))
-  assert np.abs(ours - ref).max() <= 1.0
+  np.testing.assert_array_equal(ra.equalize(img),
+                                np.asarray(ImageOps.equalize(Image.fromarray(img))))
+  ref = np.asarray(ImageOps.autocontrast(Image.fromarray(img))).astype(int)
+  assert np.abs(ra.auto_contrast(img).astype(int) - ref).max() <= 1
+  assert ra.auto_contrast(img).min() == 0 and ra.auto_contrast(img).max() == 255
   flat = np.full((8, 8, 3), 77, np.uint8)  # one level: both leave it alone
-  np.testing.assert_array_equal(ra.equalize(_tf(flat)).numpy(), flat)
-  np.testing.assert_array_equal(ra.auto_contrast(_tf(flat)).numpy(), flat)
+  np.testing.assert_array_equal(ra.equalize(flat), flat)
+  np.testing.assert_array_equal(ra.auto_contrast(flat), flat)
+  # ALBEF's brightness table: (level * factor) clipped, truncated to uint8.
+  want = np.floor(np.clip(img.astype(np.float64) * FACTOR, 0, 255)).astype(np.uint8)
+  np.testing.assert_array_equal(ra.apply_op(img, 'Brightness', 7.0), want)
+  for op in ('Equalize', 'AutoContrast', 'Brightness', 'Sharpness', 'Rotate'):
+    out = ra.apply_op(img, op, 7.0)
+    assert out.dtype == np.uint8 and out.shape == img.shape, op
 
 
-def test_sharpness_brightness_and_affine_match_albef_formulas():
-  img = _photo(20, 24).astype(np.float32)
-  level = 7 / 10
-  factor = level * 1.8 + 0.1  # ALBEF enhance_level_to_args
-  k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
-  smooth = sum(k[i, j] * img[i:i + 18, j:j + 22] for i in range(3) for j in range(3))
-  ref = img.copy()
-  ref[1:-1, 1:-1] = np.clip(smooth + factor * (img[1:-1, 1:-1] - smooth), 0, 255)
-  np.testing.assert_allclose(ra.sharpness(_tf(img), factor).numpy(), ref, atol=1e-3)
-  table = ra._branches(_tf(img), 7.0, tf.constant(1.0))
-  np.testing.assert_allclose(table['Brightness']().numpy(), np.clip(img * factor, 0, 255),
-                             rtol=1e-6)
-  shifted = table['TranslateX']().numpy()  # 7 px (translate_const 10 * 0.7), gray fill
-  np.testing.assert_allclose(shifted[:, :-7], img[:, 7:], atol=1e-3)
-  assert np.all(shifted[:, -7:] == 128)
-  rotated = table['Rotate']().numpy()  # 21 degrees about the centre
-  assert np.all(rotated[0, 0] == 128) and np.abs(rotated[10, 12] - img[10, 12]).max() < 30
+def test_sharpness_matches_the_smooth_kernel_blend():
+  img = _photo(20, 24)
+  k = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float64) / 13
+  f = img.astype(np.float64)
+  smooth = np.round(sum(k[i, j] * f[i:i + 18, j:j + 22] for i in range(3) for j in range(3)))
+  ref = img.astype(np.float64).copy()
+  ref[1:-1, 1:-1] = np.clip(smooth + FACTOR * (f[1:-1, 1:-1] - smooth), 0, 255)
+  got = ra.apply_op(img, 'Sharpness', 7.0)
+  np.testing.assert_array_equal(got[0], img[0])  # the 1-px border is kept
+  assert np.abs(got.astype(np.float64) - np.floor(ref)).max() <= 1
 
 
-def test_randaugment_deterministic_in_seed_and_in_range():
-  x = _tf(_photo(32, 32))
-  outs = [ra.randaugment(x, tf.constant([0, s], tf.int64)).numpy() for s in range(12)]
-  again = ra.randaugment(x, tf.constant([0, 3], tf.int64)).numpy()
-  np.testing.assert_array_equal(outs[3], again)
-  assert all(o.shape == (32, 32, 3) and o.min() >= 0 and o.max() <= 255 for o in outs)
-  changed = sum(not np.array_equal(o, x.numpy()) for o in outs)
+def test_geometric_ops_match_a_numpy_bilinear_warp():
+  img = _photo(40, 48)
+  h, w = img.shape[:2]
+  out = ra.apply_op(img, 'TranslateX', 7.0)  # 7 px (translate_const 10 * 0.7), gray fill
+  np.testing.assert_array_equal(out[:, :-7], img[:, 7:])
+  assert np.all(out[:, -7:] == 128)
+  out = ra.apply_op(img, 'TranslateY', 7.0, sign=-1.0)
+  np.testing.assert_array_equal(out[7:], img[:-7])
+  assert np.all(out[:7] == 128)
+  theta = np.deg2rad(21.0)  # 0.7 * 30 degrees about the centre, counter-clockwise
+  a, b = np.cos(theta), np.sin(theta)
+  cx, cy = w / 2, h / 2
+  cases = {'ShearX': [[1, 0.21, 0], [0, 1, 0]], 'ShearY': [[1, 0, 0], [-0.21, 1, 0]],
+           'Rotate': [[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]]}
+  for name, forward in cases.items():
+    sign = -1.0 if name == 'ShearY' else 1.0
+    got = ra.apply_op(img, name, 7.0, sign=sign).astype(np.float64)
+    want, inside, outside = _bilinear_warp(img, forward)
+    assert inside.mean() > 0.5 and outside.any(), name
+    assert np.abs(got - want)[inside].max() <= 2, name  # cv2: 1/32-px fixed point
+    assert np.all(got[outside] == 128), name
+
+
+def test_sample_ops_follows_albef_policy():
+  rng = np.random.default_rng(0)
+  draws = [ra.sample_ops(rng) for _ in range(4000)]
+  flat = [op for d in draws for op in d]
+  assert abs(len(flat) / 8000 - 0.5) < 0.03  # each of 2 ops kept with p = 0.5
+  counts = {name: sum(op == name for op, _ in flat) for name in ra.ALBEF_OPS}
+  assert all(abs(c / len(flat) - 0.1) < 0.02 for c in counts.values()), counts
+  assert abs(np.mean([s > 0 for _, s in flat]) - 0.5) < 0.03
+  assert ra.sample_ops(rng, prob=0.0) == [] and len(ra.sample_ops(rng, prob=1.0)) == 2
+
+
+def test_randaugment_deterministic_in_rng_and_in_range():
+  x = _photo(32, 32)
+  outs = [ra.randaugment(x, np.random.default_rng(s)) for s in range(12)]
+  np.testing.assert_array_equal(outs[3], ra.randaugment(x, np.random.default_rng(3)))
+  assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+  changed = sum(not np.array_equal(o, x) for o in outs)
   assert 3 <= changed <= 12  # each of 2 ops applies with p=0.5 (and may be Identity)
-  none = ra.randaugment(x, tf.constant([0, 1], tf.int64), prob=0.0).numpy()
-  np.testing.assert_array_equal(none, x.numpy())
+  np.testing.assert_array_equal(ra.randaugment(x, np.random.default_rng(1), prob=0.0), x)
+  # The ops run in the sampled order on the image: replay them by hand.
+  for s in range(6):
+    want = x
+    for name, sign in ra.sample_ops(np.random.default_rng(s)):
+      want = ra.apply_op(want, name, 7.0, sign)
+    np.testing.assert_array_equal(ra.randaugment(x, np.random.default_rng(s)), want)
 
 
 def test_crop_box_follows_torchvision():
@@ -126,7 +184,7 @@ def test_crop_box_follows_torchvision():
   assert transforms.crop_box(rng, 1000, 10) == (493, 0, 506, 10)  # w = round(10 * 4/3)
 
 
-def test_load_pixels_and_transforms():
+def test_load_pixels_and_train_pixels():
   data = _encode(Image.fromarray(_photo(48, 64)), 'PNG')
   ref = np.asarray(Image.fromarray(_photo(48, 64)).resize((32, 32), Image.BICUBIC))
   np.testing.assert_array_equal(transforms.load_pixels(data, 32), ref)  # ALBEF's test resize
@@ -134,14 +192,42 @@ def test_load_pixels_and_transforms():
   b = transforms.load_pixels(data, 32, np.random.default_rng(1))
   c = transforms.load_pixels(data, 32, np.random.default_rng(2))
   assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
-  pixels = tf.constant(a)
-  x = transforms.train_transform(pixels, tf.constant([1, 2], tf.int64)).numpy()
-  y = transforms.train_transform(pixels, tf.constant([1, 2], tf.int64)).numpy()
-  z = transforms.train_transform(pixels, tf.constant([1, 3], tf.int64)).numpy()
-  assert x.shape == (32, 32, 3) and x.dtype == np.float32
-  np.testing.assert_array_equal(x, y)
-  assert not np.array_equal(x, z)
-  flat = tf.fill([16, 16, 3], tf.constant(128, tf.uint8))
-  out = transforms.eval_transform(flat).numpy()
-  expected = (128 / 255 - np.asarray(transforms.MEAN)) / np.asarray(transforms.STD)
-  np.testing.assert_allclose(out, np.broadcast_to(expected, (16, 16, 3)), atol=1e-5)
+  # Without RandAugment: the same crop as load_pixels from the same seed, mirrored or not.
+  flips = 0
+  for s in range(20):
+    crop = transforms.load_pixels(data, 32, np.random.default_rng(s))
+    got = transforms.train_pixels(data, 32, np.random.default_rng(s), randaug_ops=0)
+    assert got.dtype == np.uint8
+    flipped = np.array_equal(got, crop[:, ::-1])
+    assert flipped or np.array_equal(got, crop), s
+    flips += flipped
+  assert 4 <= flips <= 16
+  x = transforms.train_pixels(data, 32, np.random.default_rng(5))
+  np.testing.assert_array_equal(x, transforms.train_pixels(data, 32, np.random.default_rng(5)))
+  assert x.shape == (32, 32, 3) and x.dtype == np.uint8
+
+
+def test_the_model_normalises_uint8_pixels_as_albef():
+  """ToTensor + Normalize(CLIP mean/std), in numpy, against the model's first op."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  from codis_jax.models import codis, vit  # pylint: disable=import-outside-toplevel
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+  want = (pixels / 255.0 - mean) / std
+  np.testing.assert_allclose(np.asarray(vit.normalize_pixels(jnp.asarray(pixels))), want,
+                             rtol=1e-6, atol=1e-6)
+  floats = want.astype(np.float32)
+  assert vit.normalize_pixels(floats) is floats  # floats are taken as normalised
+  m = pretrain.get_config('tiny').model
+  model = codis.build_model(m, train=False)
+  params = model.init(jax.random.key(0), jnp.zeros((1, m.image_size, m.image_size, 3)),
+                      jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))['params']
+  pixels = np.random.default_rng(1).integers(0, 256, (2, m.image_size, m.image_size, 3))
+  pixels = pixels.astype(np.uint8)
+  enc = lambda x: model.apply({'params': params}, x, method=codis.CODIS.encode_image)[1]
+  np.testing.assert_allclose(np.asarray(enc(pixels)),
+                             np.asarray(enc(((pixels / 255.0 - mean) / std).astype(np.float32))),
+                             rtol=1e-5, atol=1e-5)

@@ -15,7 +15,6 @@ counted per reason in stats(). MLM masking is not done here: the train step mask
 device.
 """
 
-import functools
 import logging
 import os
 
@@ -46,11 +45,12 @@ class _Loader:
   """
 
   def __init__(self, indexed, num_sources, encoder, bad, image_size, train, max_words,
-               crop_seed, crop_scale):
+               aug_seed, crop_scale, randaug_ops, randaug_magnitude):
     self.indexed, self.num_sources = indexed, num_sources
     self.encoder, self.bad = encoder, bad
     self.image_size, self.train, self.max_words = image_size, train, max_words
-    self.crop_seed, self.crop_scale = crop_seed, crop_scale
+    self.aug_seed, self.crop_scale = aug_seed, crop_scale
+    self.randaug = (randaug_ops, randaug_magnitude)
     self._blank = np.zeros((image_size, image_size, 3), np.uint8)
     self._pad = np.zeros((encoder.text_len,), np.int32)
 
@@ -86,10 +86,15 @@ class _Loader:
       data = _as_bytes(image)
     if not data:
       return self._fail('missing_image', name)
-    # The crop is drawn from (seed, host, epoch, position): the same after a resume.
-    rng = np.random.default_rng([self.crop_seed, int(epoch), int(pos)]) if self.train else None
     try:
-      pixels = transforms.load_pixels(data, self.image_size, rng, self.crop_scale)
+      if self.train:
+        # Crop, flip and RandAugment draw from (seed, host, epoch, position): the same
+        # after a resume.
+        rng = np.random.default_rng([self.aug_seed, int(epoch), int(pos)])
+        pixels = transforms.train_pixels(data, self.image_size, rng, self.crop_scale,
+                                         *self.randaug)
+      else:
+        pixels = transforms.load_pixels(data, self.image_size)
     except Exception:  # pylint: disable=broad-except  (PIL raises many kinds)
       return self._fail('corrupt_image', name)
     ids, mask = self.encoder(text)
@@ -98,17 +103,6 @@ class _Loader:
       image_id = (src << _ID_BITS) | (image_id & ((1 << _ID_BITS) - 1))
     self.bad.good()
     return pixels, ids, mask, np.int32(image_id & 0x7FFFFFFF), np.int32(0)
-
-
-@functools.lru_cache(maxsize=None)
-def _train_fn(image_size, ops, magnitude):
-  """The traced train transform, shared by every pipeline of the process: tracing the
-  RandAugment branches takes seconds, once is enough."""
-  return tf.function(
-      lambda pixels, seed: transforms.train_transform(
-          pixels, seed, randaug_ops=ops, randaug_magnitude=magnitude),
-      input_signature=[tf.TensorSpec([image_size, image_size, 3], tf.uint8),
-                       tf.TensorSpec([2], tf.int64)])
 
 
 def _maybe_prepare(specs, data_config):
@@ -142,11 +136,12 @@ class Pipeline:
     self._indexed, self._sharded = sources_lib.open_sources(specs, split, train, self._bad)
     self._offsets = np.cumsum([0] + [s.num_pairs for s in self._indexed])
     encoder = tokenize.TextEncoder(text_len, cfg.get('tokenizer', ''))
-    crop_seed = int(np.random.SeedSequence([self.seed, process_index, 0]).generate_state(1)[0])
+    aug_seed = int(np.random.SeedSequence([self.seed, process_index, 0]).generate_state(1)[0])
     self._loader = _Loader(self._indexed, len(specs), encoder, self._bad, image_size, train,
-                           cfg.get('max_words', 30), crop_seed,
+                           cfg.get('max_words', 30), aug_seed,
                            (float(cfg.get('crop_scale_min', 0.2)),
-                            float(cfg.get('crop_scale_max', 1.0))))
+                            float(cfg.get('crop_scale_max', 1.0))),
+                           int(cfg.get('randaug_ops', 2)), int(cfg.get('randaug_magnitude', 7)))
     self.num_examples = int(self._offsets[-1] + sum(s.num_pairs for s in self._sharded))
     if self.num_examples == 0:
       raise DataError(f'data spec {cfg[split]!r} has no records')
@@ -246,7 +241,6 @@ class Pipeline:
     """One pipeline for the iterator's life: epochs are flat-mapped one after the other
     (no rebuild, no stall); each element carries its (epoch, position) for get_state."""
     cfg, size, L = self._cfg, self._image_size, self._loader.encoder.text_len
-    aug_base = int(np.random.SeedSequence([self.seed, self._pi, 1]).generate_state(1)[0])
 
     def epoch_stream(epoch):
       ds = self._handles(epoch).enumerate()
@@ -256,36 +250,25 @@ class Pipeline:
     last = epoch0 + 1 if not self.train else np.iinfo(np.int64).max
     ds = tf.data.Dataset.range(epoch0, last).flat_map(epoch_stream)
     keep = ('text_ids', 'text_mask', 'image_id', '_pos', '_epoch')
-    train_fn = _train_fn(size, int(cfg.get('randaug_ops', 2)),
-                         int(cfg.get('randaug_magnitude', 7)))
 
     def load(e):
       pixels, ids, mask, image_id, reason = tf.numpy_function(
           self._loader, [e['src'], e['idx'], e['image'], e['caption'], e['image_id'],
                          e['name'], e['_epoch'], e['_pos']],
           [tf.uint8, tf.int32, tf.int32, tf.int32, tf.int32], stateful=False)
-      return {'pixels': tf.ensure_shape(pixels, [size, size, 3]),
+      return {'image': tf.ensure_shape(pixels, [size, size, 3]),
               'text_ids': tf.ensure_shape(ids, [L]), 'text_mask': tf.ensure_shape(mask, [L]),
               'image_id': tf.ensure_shape(image_id, []),
               'reason': tf.ensure_shape(reason, []), '_pos': e['_pos'], '_epoch': e['_epoch']}
 
-    def augment(r):
-      # Per-example seed from (seed, host, epoch, position): reproducible after a resume.
-      seed = tf.stack([aug_base + r['_epoch'] * 1_000_003, r['_pos']])
-      return {'image': train_fn(r['pixels'], seed), **{k: r[k] for k in keep}}
-
-    def evaluate(r):
-      return {'image': transforms.eval_transform(r['pixels']),
-              'valid': tf.equal(r['reason'], 0), **{k: r[k] for k in keep}}
+    def finish(r):
+      out = {'image': r['image'], **{k: r[k] for k in keep}}
+      return out if self.train else {**out, 'valid': tf.equal(r['reason'], 0)}
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if self.train:
       ds = ds.filter(lambda r: tf.equal(r['reason'], 0))
-      ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      ds = ds.batch(self.batch_size, drop_remainder=True)
-    else:
-      ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      ds = ds.batch(self.batch_size)
+    ds = ds.map(finish).batch(self.batch_size, drop_remainder=self.train)
     ds = ds.prefetch(cfg.get('prefetch', 2))
     options = tf.data.Options()
     options.deterministic = True
@@ -314,7 +297,7 @@ class Pipeline:
   def _finish(self, batch):
     b, L, S = self.batch_size, self._loader.encoder.text_len, self._image_size
     if batch is None:
-      batch = {'image': np.zeros([0, S, S, 3], np.float32), 'text_ids': np.zeros([0, L], np.int32),
+      batch = {'image': np.zeros([0, S, S, 3], np.uint8), 'text_ids': np.zeros([0, L], np.int32),
                'text_mask': np.zeros([0, L], np.int32), 'image_id': np.zeros([0], np.int32),
                'valid': np.zeros([0], bool), '_pos': np.zeros([0], np.int64),
                '_epoch': np.zeros([0], np.int64)}
@@ -359,7 +342,8 @@ def create_pipeline(data_config, *, split, global_batch_size, image_size, text_l
                     seed, process_index=0, process_count=1, state=None):
   """The public entry point. Returns an iterator of per-host numpy batch dicts:
 
-    image      float32 [b, S, S, 3]  normalised (CLIP mean/std)
+    image      uint8   [b, S, S, 3]  RGB pixels after the transforms; the model
+                                     normalises them (CLIP mean/std) on the device
     text_ids   int32   [b, L]        [CLS] ... [SEP], 0-padded
     text_mask  int32   [b, L]        1 on real tokens (incl. CLS/SEP)
     image_id   int32   [b]           dataset-wide id of the image

@@ -44,7 +44,7 @@ class RetrievalSet:
     return self.bad.stats()
 
   def image_batches(self, batch_size):
-    """Yields {'image': float32 [b, S, S, 3], 'valid': bool [b]} in image order; the
+    """Yields {'image': uint8 [b, S, S, 3], 'valid': bool [b]} in image order; the
     last batch is padded, and an image that cannot be read is zeros with valid=False."""
     size = self.image_size
 
@@ -65,8 +65,8 @@ class RetrievalSet:
 
     def fn(i):
       pixels, ok = tf.numpy_function(load, [i], [tf.uint8, tf.bool], stateful=False)
-      image = transforms.eval_transform(tf.ensure_shape(pixels, [size, size, 3]))
-      return {'image': image, 'valid': tf.ensure_shape(ok, [])}
+      return {'image': tf.ensure_shape(pixels, [size, size, 3]),
+              'valid': tf.ensure_shape(ok, [])}
 
     ds = tf.data.Dataset.range(self.num_images).map(
         fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,28 +1,25 @@
-"""Image decoding, crop and resize (Python, PIL) and the rest of the ALBEF transforms (TF).
+"""ALBEF's image transforms up to ToTensor, on uint8: decode, crop and resize (PIL), flip
+and RandAugment (OpenCV). Normalisation happens on the device, in the model's first op
+(`models.vit.normalize_pixels`): batches travel as uint8, a quarter of float32's bytes.
 
 Decoding runs in PIL inside tf.numpy_function rather than tf.io.decode_image because a
 corrupt image must be flagged and skipped, and a TF decode op can only fail the whole
 pipeline; PIL also converts every mode ALBEF's `Image.open(p).convert('RGB')` does
 (grayscale, palette, CMYK, first GIF frame). The random resized crop and the resize are
 PIL's too, exactly as ALBEF (torchvision on PIL images, bicubic) does them, and cheaper
-than TF's antialiased bicubic. PIL releases the GIL while it decodes and resamples, so
-the parallel map still scales across cores. Flip, RandAugment and normalisation run in
-the TF graph on the fixed-size result.
+than TF's antialiased bicubic. PIL and OpenCV release the GIL while they work, so the
+parallel map scales across cores.
 """
 
 import io
 import math
 import warnings
 
+import cv2
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from codis_jax.data.randaugment import randaugment
-
-# CLIP's mean/std, as ALBEF normalises.
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 # Random resized crops keep at least this fraction of the side (sqrt(0.2) ~ 0.447), so
 # a JPEG may be decoded at reduced scale while every crop keeps >= image_size pixels.
 _MIN_SIDE = 0.44
@@ -87,23 +84,15 @@ def load_pixels(data, image_size, rng=None, scale=(0.2, 1.0)):
   return np.asarray(img, dtype=np.uint8)
 
 
-def normalize(x):
-  """[0, 255] -> (x / 255 - mean) / std, float32."""
-  return (tf.cast(x, tf.float32) / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
-
-
-def eval_transform(pixels):
-  """uint8 [S, S, 3] (already resized by load_pixels) -> normalised float32."""
-  return normalize(pixels)
-
-
-def train_transform(pixels, seed, randaug_ops=2, randaug_magnitude=7):
-  """uint8 [S, S, 3] (already cropped by load_pixels) -> horizontal flip ->
-  RandomAugment(randaug_ops, randaug_magnitude) -> normalise; deterministic in `seed`."""
-  s_flip, s_aug = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  x = tf.cast(pixels, tf.float32)
-  x = tf.cond(tf.random.stateless_uniform([], s_flip) < 0.5,
-              lambda: tf.reverse(x, [1]), lambda: x)
+def train_pixels(data, image_size, rng, scale=(0.2, 1.0), randaug_ops=2,
+                 randaug_magnitude=7):
+  """Encoded bytes -> uint8 [S, S, 3]: ALBEF's pretraining transform before ToTensor,
+  RandomResizedCrop(S, scale, bicubic) -> horizontal flip (p = 0.5) ->
+  RandomAugment(randaug_ops, randaug_magnitude). rng: numpy Generator, the only source of
+  randomness."""
+  pixels = load_pixels(data, image_size, rng, scale)
+  if rng.random() < 0.5:
+    pixels = cv2.flip(pixels, 1)
   if randaug_ops > 0:
-    x = randaugment(x, s_aug, num_ops=randaug_ops, magnitude=randaug_magnitude)
-  return normalize(x)
+    pixels = randaugment(pixels, rng, num_ops=randaug_ops, magnitude=randaug_magnitude)
+  return pixels

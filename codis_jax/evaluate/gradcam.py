@@ -70,7 +70,7 @@ def _explicit_cross_attention(layer_name, delta, captured):
 
 
 def gradcam(model_config, params, image, ids, mask, *, layer=None):
-  """image: float32 [S, S, 3] normalised; ids, mask: int32 [L].
+  """image: [S, S, 3] uint8 pixels (or float32, already normalised); ids, mask: int32 [L].
 
   -> (maps float32 [L, gh, gw] (0 on padding), ITM match logit). `layer` is the ALBEF
   layer number (text_layers .. text_layers + fusion_layers - 1).
@@ -108,7 +108,7 @@ def gradcam(model_config, params, image, ids, mask, *, layer=None):
     cam = jnp.mean(cam, axis=0) * mask[:, None]
     return cam.reshape(length, grid, grid), logit
 
-  maps, logit = run(jnp.asarray(image, jnp.float32), jnp.asarray(ids), jnp.asarray(mask))
+  maps, logit = run(jnp.asarray(image), jnp.asarray(ids), jnp.asarray(mask))
   return np.asarray(maps), float(logit)
 
 
@@ -155,12 +155,10 @@ def render(rgb, words, maps, out_path):
 
 
 def load_image(path, size):
-  """-> (normalised float32 [size, size, 3] as evaluation sees it, uint8 RGB for display)."""
+  """-> uint8 RGB [size, size, 3] as evaluation sees it (the model normalises it)."""
   from codis_jax.data import transforms  # pylint: disable=import-outside-toplevel
   with open(path, 'rb') as f:
-    rgb = transforms.load_pixels(f.read(), size)  # the test-time resize of the data package
-  image = (rgb / 255.0 - np.asarray(transforms.MEAN)) / np.asarray(transforms.STD)
-  return image.astype(np.float32), rgb
+    return transforms.load_pixels(f.read(), size)  # the test-time resize of the data package
 
 
 def visualize(checkpoint, image_path, caption, out_path, *, layer=-1, params='student',
@@ -173,13 +171,13 @@ def visualize(checkpoint, image_path, caption, out_path, *, layer=-1, params='st
     model_config.image_size = image_size
   tokenizer = tokenizer or (saved.get('data') or {}).get('tokenizer') or ''
   p = weights.adapt(weights.select(state, params), model_config)
-  image, rgb = load_image(image_path, model_config.image_size)
+  rgb = load_image(image_path, model_config.image_size)
   encoder = tokenize.TextEncoder(min(text_len, model_config.max_positions), tokenizer)
   ids, mask = encoder(tokenize.pre_caption(caption, max_words=text_len))
   if ids.max() >= model_config.vocab_size:
     raise ValueError(f'token id {ids.max()} is outside the model vocabulary '
                      f'({model_config.vocab_size}): wrong --tokenizer for this checkpoint')
-  maps, logit = gradcam(model_config, p, image, ids, mask, layer=layer)
+  maps, logit = gradcam(model_config, p, rgb, ids, mask, layer=layer)
   n = int(mask.sum())
   tokens = tokenize.load_hf_tokenizer(tokenizer).convert_ids_to_tokens(ids[1:n - 1].tolist())
   words, wmaps = word_maps(tokens, maps[1:n - 1])

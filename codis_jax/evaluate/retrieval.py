@@ -41,7 +41,8 @@ log = logging.getLogger('codis_jax.evaluate')
 class ArrayRetrievalSet:
   """An in-memory retrieval set with the data package's RetrievalSet interface.
 
-  images: float32 [Ni, S, S, 3], already normalised; text_ids/text_mask: int32 [Nt, L];
+  images: [Ni, S, S, 3] uint8 pixels or float32 already normalised; text_ids/text_mask:
+  int32 [Nt, L];
   txt2img: [Nt]; img2txt: per image, its text indices.
   """
   images: np.ndarray

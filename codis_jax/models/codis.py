@@ -3,6 +3,7 @@ the learnable temperature and the codebook.
 
 One module, several methods; the train step calls them with `model.apply(..., method=)`:
   encode_image(images)           -> tokens [B, 1+P, Dv], feature [B, E] (L2-normalised, f32)
+    (images: uint8 pixels [B, S, S, 3], or floats already normalised; see vit.py)
   encode_text(ids, mask)         -> tokens [B, L, Dt],  feature [B, E]
   fuse(text, mask, image_tokens[, image_index]) -> fused tokens [B, L, Dt]
   itm_logits(fused)              -> [B, 2] from the fused [CLS]

@@ -10,6 +10,20 @@ import numpy as np
 from codis_jax.models import layers
 
 _INIT = nn.initializers.truncated_normal(0.02)
+# CLIP's per-channel RGB mean and std on [0, 1] pixels, as ALBEF normalises.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images):
+  """uint8 pixels [..., 3] -> float32 (x / 255 - mean) / std; float input is taken as
+  already normalised and returned as it is. The data pipeline hands uint8 to the device
+  (a quarter of float32's bytes); here XLA fuses the scaling into the patch embedding."""
+  if images.dtype != jnp.uint8:
+    return images
+  scale = 1.0 / (255.0 * np.asarray(PIXEL_STD, np.float32))
+  shift = np.asarray(PIXEL_MEAN, np.float32) / np.asarray(PIXEL_STD, np.float32)
+  return images.astype(jnp.float32) * scale - shift
 
 
 class ViTBlock(nn.Module):
@@ -32,7 +46,8 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """images [B, H, W, 3] (normalised) -> tokens [B, 1 + (H/p)*(W/p), D] after the final norm.
+  """images [B, H, W, 3] (uint8 pixels, or floats already normalised) -> tokens
+  [B, 1 + (H/p)*(W/p), D] after the final norm.
 
   pad_tokens_to > 1: the blocks run on the tokens padded to a multiple of it, the padding
   masked out as keys and dropped at the end (exact). GPU matmuls want lengths in multiples
@@ -59,7 +74,7 @@ class ViT(nn.Module):
                 param_dtype=jnp.float32,
                 kernel_init=layers.logical_init(_INIT, (None, None, None, 'embed')),
                 bias_init=layers.logical_init(nn.initializers.zeros, ('embed',)),
-                name='patch_embed')(images.astype(self.dtype))
+                name='patch_embed')(normalize_pixels(images).astype(self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     cls = self.param('cls_token', layers.logical_init(_INIT, (None, None, 'embed')),
