@@ -195,6 +195,33 @@ def maybe_initialize_distributed():
     jax.distributed.initialize(env['JAX_COORDINATOR_ADDRESS'],
                                int(env['JAX_NUM_PROCESSES']), int(env['JAX_PROCESS_ID']))
   elif 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(env))
   elif env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
     jax.distributed.initialize()
+
+
+def _tasks_on_this_node(env):
+  """This node's task count from SLURM_TASKS_PER_NODE ('8(x2),4' = 8, 8, 4 by node)."""
+  if env.get('SLURM_NTASKS_PER_NODE'):
+    return int(env['SLURM_NTASKS_PER_NODE'])
+  counts = []
+  for part in env.get('SLURM_TASKS_PER_NODE', '').split(','):
+    if part:
+      n, _, times = part.partition('(x')
+      counts += [int(n)] * int(times.rstrip(')') or 1)
+  node = int(env.get('SLURM_NODEID', '0'))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_local_device_ids(env):
+  """local_device_ids for jax.distributed.initialize under SLURM.
+
+  JAX's SLURM default gives each process ONE GPU, its local rank: right for one task per
+  GPU, but a single task on a node with several GPUs would silently use only the first.
+  That case gets all the GPUs SLURM made visible (CUDA_VISIBLE_DEVICES); otherwise None
+  (JAX's default).
+  """
+  gpus = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if len(gpus) > 1 and _tasks_on_this_node(env) == 1:
+    return list(range(len(gpus)))
+  return None

@@ -38,3 +38,29 @@ def test_two_processes_match_one():
   assert multi[0] == multi[1]  # every process sees the same global metrics
   for k, v in single.items():
     assert multi[0][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_slurm_gets_every_gpu_of_a_one_task_node(monkeypatch):
+  """JAX's SLURM default is one GPU per process (its local rank); one task on an 8-GPU
+  node must get all eight, one task per GPU keeps JAX's default."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from codis_jax import sharding  # pylint: disable=import-outside-toplevel
+  eight = {'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'}
+  cases = [({**eight, 'SLURM_NTASKS_PER_NODE': '1'}, list(range(8))),
+           ({**eight, 'SLURM_TASKS_PER_NODE': '1(x4)', 'SLURM_NODEID': '3'}, list(range(8))),
+           ({**eight, 'SLURM_TASKS_PER_NODE': '8(x2),1', 'SLURM_NODEID': '2'}, list(range(8))),
+           ({**eight, 'SLURM_TASKS_PER_NODE': '8(x2),1', 'SLURM_NODEID': '1'}, None),
+           ({**eight, 'SLURM_NTASKS_PER_NODE': '8'}, None),
+           ({'CUDA_VISIBLE_DEVICES': '5', 'SLURM_NTASKS_PER_NODE': '1'}, None),
+           ({'SLURM_NTASKS_PER_NODE': '1'}, None)]  # no GPUs listed: JAX decides
+  for env, want in cases:
+    assert sharding.slurm_local_device_ids(env) == want, env
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(k))
+  for key in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in {**eight, 'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4',
+                     'SLURM_NTASKS_PER_NODE': '1'}.items():
+    monkeypatch.setenv(key, value)
+  sharding.maybe_initialize_distributed()
+  assert calls == [{'local_device_ids': list(range(8))}]
