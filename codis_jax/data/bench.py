@@ -1,8 +1,8 @@
 """python -m codis_jax.data.bench [--source synthetic|emoji] [--image_size 256] [--batches 30]
 
 Measures the pretraining input pipeline end to end (read, decode, random resized crop,
-flip, RandAugment, normalise, tokenise, batch) and prints images/s and images/s per
-CPU core. 'synthetic' writes COCO-sized (640x480) JPEGs to a temporary folder and reads
+flip, RandAugment, tokenise, batch of uint8 pixels; the model normalises on the device)
+and prints images/s and images/s per CPU core. 'synthetic' writes COCO-sized (640x480) JPEGs to a temporary folder and reads
 them as an ALBEF JSON source; 'emoji' reads the bundled emoji set (136x128 PNGs).
 """
 
