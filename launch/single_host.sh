@@ -36,8 +36,10 @@ if [ "$procs" -ne "${#devices[@]}" ]; then
   echo "single_host.sh: PROCESSES=$procs, but ${#devices[@]} GPUs: use 1 or ${#devices[@]}" >&2
   exit 2
 fi
-port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-echo "single_host.sh: $procs processes, one per GPU (${devices[*]}), coordinator 127.0.0.1:$port" >&2
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
+echo "single_host.sh: $procs processes, one per GPU (${devices[*]})," \
+  "coordinator 127.0.0.1:$port" >&2
 pids=()
 for ((i = 0; i < procs; i++)); do
   CUDA_VISIBLE_DEVICES=${devices[$i]} JAX_COORDINATOR_ADDRESS=127.0.0.1:$port \

@@ -221,6 +221,8 @@ def test_the_model_normalises_uint8_pixels_as_albef():
                              rtol=1e-6, atol=1e-6)
   floats = want.astype(np.float32)
   assert vit.normalize_pixels(floats) is floats  # floats are taken as normalised
+  with pytest.raises(ValueError, match='uint8 pixels or normalised floats'):
+    vit.normalize_pixels(pixels.astype(np.int32))
   m = pretrain.get_config('tiny').model
   model = codis.build_model(m, train=False)
   params = model.init(jax.random.key(0), jnp.zeros((1, m.image_size, m.image_size, 3)),

@@ -101,6 +101,15 @@ def test_explicit_cross_attention_is_the_models(pretrained):
                                 mask[0])
   assert maps.shape == (12, 2, 2) and np.isfinite(logit)
   assert np.all(maps >= 0) and np.all(maps[7:] == 0) and maps[1:6].sum() > 0
+  # uint8 pixels (what load_image gives) = numpy's ToTensor + Normalize of them.
+  pixels = rs.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  got = gradcam.gradcam(mc, params, pixels, ids[0], mask[0])
+  want = gradcam.gradcam(mc, params, ((pixels / 255 - mean) / std).astype(np.float32), ids[0],
+                         mask[0])
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-7)
+  assert got[1] == pytest.approx(want[1], rel=1e-5)
   # A checkpoint of the gpu variant (cuDNN attention: no CPU kernel; text padded to even
   # lengths, here 11 -> 12): the same maps, computed with the plain settings.
   gpu = pretrain.get_config('gpu').model

@@ -2,8 +2,9 @@
 
 Measures the pretraining input pipeline end to end (read, decode, random resized crop,
 flip, RandAugment, tokenise, batch of uint8 pixels; the model normalises on the device)
-and prints images/s and images/s per CPU core. 'synthetic' writes COCO-sized (640x480) JPEGs to a temporary folder and reads
-them as an ALBEF JSON source; 'emoji' reads the bundled emoji set (136x128 PNGs).
+and prints images/s and images/s per CPU core. 'synthetic' writes COCO-sized (640x480)
+JPEGs to a temporary folder and reads them as an ALBEF JSON source; 'emoji' reads the
+bundled emoji set (136x128 PNGs).
 """
 
 import argparse
