@@ -379,11 +379,13 @@ def main(argv):
       first = False
   if FLAGS.pipeline:
     from codis_jax.data import bench as data_bench  # pylint: disable=import-outside-toplevel
-    for size in sorted({pretrain.get_config(n).model.image_size for n in FLAGS.configs}):
-      r = data_bench.run(image_size=size, batch_size=32, batches=10)
-      print(f"input pipeline (pretraining transform, synthetic 640x480 JPEGs -> {size} px): "
-            f"{r['images_per_s']:.0f} pairs/s on {r['cores']} cores "
-            f"({r['images_per_s_per_core']:.0f} per core)", flush=True)
+    settings = {(c.model.image_size, c.data.workers or 0)
+                for c in map(pretrain.get_config, FLAGS.configs)}
+    for size, workers in sorted(settings):
+      r = data_bench.run(image_size=size, batch_size=32, batches=10, workers=workers)
+      print(f"input pipeline (pretraining transform, synthetic 640x480 JPEGs -> {size} px, "
+            f"data.workers={workers}): {r['images_per_s']:.0f} pairs/s on {r['cores']} "
+            f"cores ({r['images_per_s_per_core']:.0f} per core)", flush=True)
   if failed:
     raise SystemExit(f'{len(failed)} variant(s) failed:\n' + '\n'.join(failed))
 

@@ -10,6 +10,8 @@
 #    runs also writes a jax.profiler trace of 3 steps and then times the step's parts alone
 #    (codis_jax.step_parts). A variant that fails is reported and the next one runs.
 # 2. The GPU-only tests (cuDNN attention and its gradients vs references).
+# 3. If time is left: the input pipeline on this host's CPUs (codis_jax.data.bench), in
+#    tf.data threads and with the gpu variant's 8 worker processes.
 # The script keeps within $BUDGET seconds (default 560, under a device call's 10 minutes):
 # the bench gets what is left but $TEST_TIMEOUT, and JSON lines are written as each
 # variant ends, so a cut-short run keeps what it measured.
@@ -70,3 +72,11 @@ if [ "$left" -ge 30 ]; then
 else
   echo "skipped: ${left} s left" | tee -a "$log"
 fi
+
+for workers in 0 8; do
+  left=$((budget - SECONDS))
+  [ "$left" -ge 40 ] || break
+  echo "== input pipeline, data.workers=$workers (limit ${left} s)" | tee -a "$log"
+  timeout "$left" $py -m codis_jax.data.bench --batches 60 --workers "$workers" 2>&1 \
+    | tail -1 | tee -a "$log"
+done

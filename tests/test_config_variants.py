@@ -15,9 +15,11 @@ def test_hardware_variant_composes_in_any_order(spec):
   assert (c.model.dtype, c.model.attention_impl, c.model.pad_image_tokens,
           c.model.pad_text_tokens) == ('bfloat16', 'cudnn', 8, 2)
   assert c.loss.ica_terms == 'i2t,t2i' and not c.loss.use_codebook
-  # Only `model` performance keys differ from the paper's settings.
+  # Only `model` performance keys and the data workers differ from the paper's settings.
   paper, tpu = pretrain.get_config('cross_only'), pretrain.get_config('tpu')
-  assert c.to_dict() | {'model': paper.model.to_dict()} == paper.to_dict()
+  assert c.data.workers == 8 and tpu.data.workers == 32 and paper.data.workers is None
+  same = {'model': paper.model.to_dict(), 'data': paper.data.to_dict()}
+  assert c.to_dict() | same == paper.to_dict()
   assert (tpu.model.dtype, tpu.model.attention_impl) == ('bfloat16', 'pallas')
   # The fine-tuning configs take the pretraining variants.
   assert retrieval_coco.get_config('tiny,gpu').model.attention_impl == 'cudnn'

@@ -69,8 +69,9 @@ EXPECTED_BAD = {'ok': 8, 'missing_image': 2, 'corrupt_image': 2, 'empty_caption'
                 'bad_utf8': 1, 'malformed_entry': 4}
 
 
-def test_bad_records_skipped_and_counted_eval(tmp_path, caplog):
-  it = _pipe(data_config(_bad_json_set(str(tmp_path))), batch=4)
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_records_skipped_and_counted_eval(tmp_path, caplog, workers):
+  it = _pipe(data_config(_bad_json_set(str(tmp_path)), workers=workers), batch=4)
   assert it.num_examples == 15
   with caplog.at_level('WARNING', logger='codis_jax.data'):
     batches = list(it)
@@ -81,8 +82,9 @@ def test_bad_records_skipped_and_counted_eval(tmp_path, caplog):
   assert len(lines) == 1 and 'bad.json[15] (malformed_entry)' in lines[0]
 
 
-def test_bad_records_skipped_and_counted_train(tmp_path):
-  cfg = data_config(_bad_json_set(str(tmp_path)), randaug_ops=0)
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_records_skipped_and_counted_train(tmp_path, workers):
+  cfg = data_config(_bad_json_set(str(tmp_path)), randaug_ops=0, workers=workers)
   it = _pipe(cfg, batch=2, train=True)
   batches = [next(it) for _ in range(4)]  # the 8 good pairs of epoch 0
   assert _texts(batches) == sorted(_clean(i) for i in range(8))
@@ -92,11 +94,12 @@ def test_bad_records_skipped_and_counted_train(tmp_path):
   assert stats['malformed_entry'] == 4
 
 
-def test_bad_records_in_sharded_sources(tmp_path):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_records_in_sharded_sources(tmp_path, workers):
   prepared = write_prepared_set(str(tmp_path / 'p'), n_images=5, shards=2,
                                 bad=('corrupt', 'utf8', 'empty', 'noimage'))
   wds = write_wds_set(str(tmp_path / 'w'), n_per_shard=(4, 3), bad=True)
-  it = _pipe(data_config(f'{prepared}+{wds}'), batch=4)
+  it = _pipe(data_config(f'{prepared}+{wds}', workers=workers), batch=4)
   batches = list(it)
   stats = it.stats()
   assert stats == {'ok': 5 + 3, 'missing_image': 1 + 2, 'corrupt_image': 1,

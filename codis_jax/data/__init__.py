@@ -7,14 +7,20 @@
     get_data_config(name)          'emoji' | 'fashion_mnist' | 'paper'
     ensure_prepared(name, data_dir)
     DataError
-See docs/readme_data.md. TensorFlow is imported here only, never by the model code.
+See the README, "Input pipeline". TensorFlow is imported here only, never by the model code.
+
+The names load lazily, so that the data worker processes (codis_jax.data.workers), which
+import this package, never import TensorFlow.
 """
 
-from codis_jax.data.config import get_data_config
-from codis_jax.data.errors import DataError
-from codis_jax.data.pipeline import create_pipeline
-from codis_jax.data.prepare import ensure_prepared
-from codis_jax.data.retrieval import load_retrieval_set
+import importlib
 
-__all__ = ['create_pipeline', 'load_retrieval_set', 'get_data_config', 'ensure_prepared',
-           'DataError']
+_EXPORTS = {'create_pipeline': 'pipeline', 'load_retrieval_set': 'retrieval',
+            'get_data_config': 'config', 'ensure_prepared': 'prepare', 'DataError': 'errors'}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'codis_jax.data.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -28,6 +28,7 @@ def _base(**specs):
   c.cycle_length = 16     # shards read at once per host
   c.prefetch = 2          # batches
   c.num_threads = 0       # tf.data private thread pool; 0 = TF's default
+  c.workers = 0           # processes for the per-image work; 0 = tf.data's threads here
   c.update(specs)
   return c
 

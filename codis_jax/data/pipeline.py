@@ -13,96 +13,37 @@ from (seed, host, epoch, position) too, so a resumed run yields identical batche
 Bad records are skipped (training) or yielded with valid=False (evaluation) and
 counted per reason in stats(). MLM masking is not done here: the train step masks on
 device.
+
+Work. The per-image work (loader.Loader, workers.RecordWork) runs on tf.data's threads,
+or with data.workers = W > 0 in W worker processes, chunk by chunk: the same batches
+either way, without one process's GIL as the ceiling.
 """
 
+import atexit
 import logging
 import os
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from codis_jax.data import sources as sources_lib
 from codis_jax.data.iterate import NumpyIterator
+from codis_jax.data.loader import Loader
 from codis_jax.data import spec as spec_lib
 from codis_jax.data import tokenize
-from codis_jax.data import transforms
-from codis_jax.data.errors import DataError, BadRecords, REASON_CODE
+from codis_jax.data import workers as workers_lib
+from codis_jax.data.errors import DataError, BadRecords
 
 log = logging.getLogger('codis_jax.data')
-_ID_BITS = 27  # with several sources, image_id = source << 27 | id within the source
 _BUNDLED = ('emoji', 'fashion_mnist')
+_OPEN = weakref.WeakSet()
 
 
-def _as_bytes(x):
-  return x.item() if isinstance(x, np.ndarray) else x
-
-
-class _Loader:
-  """One record handle -> (pixels uint8 [S, S, 3], ids, mask, image_id, reason).
-
-  Runs inside tf.numpy_function on tf.data's threads; a bad record returns a reason
-  code (and a blank image) instead of raising, so the pipeline never dies on it.
-  """
-
-  def __init__(self, indexed, num_sources, encoder, bad, image_size, train, max_words,
-               aug_seed, crop_scale, randaug_ops, randaug_magnitude):
-    self.indexed, self.num_sources = indexed, num_sources
-    self.encoder, self.bad = encoder, bad
-    self.image_size, self.train, self.max_words = image_size, train, max_words
-    self.aug_seed, self.crop_scale = aug_seed, crop_scale
-    self.randaug = (randaug_ops, randaug_magnitude)
-    self._blank = np.zeros((image_size, image_size, 3), np.uint8)
-    self._pad = np.zeros((encoder.text_len,), np.int32)
-
-  def _fail(self, reason, name):
-    self.bad.bad(reason, name)
-    return self._blank, self._pad, self._pad, np.int32(-1), np.int32(REASON_CODE[reason])
-
-  def __call__(self, src, idx, image, caption, image_id, name, epoch, pos):
-    src, idx = int(src), int(idx)
-    if src < len(self.indexed):
-      path, text, image_id = self.indexed[src].lookup(idx)
-      name = path
-    else:
-      name = _as_bytes(name).decode('utf-8', 'replace')
-      try:
-        text = _as_bytes(caption).decode('utf-8')
-      except UnicodeDecodeError:
-        return self._fail('bad_utf8', name)
-      path = None
-    try:
-      text.encode('utf-8')  # JSON captions keep bad bytes as surrogates
-    except UnicodeEncodeError:
-      return self._fail('bad_utf8', name)
-    text = tokenize.pre_caption(text, self.max_words)
-    if not text:
-      return self._fail('empty_caption', name)
-    if path is not None:
-      try:
-        data = sources_lib.read_file(path)
-      except (OSError, tf.errors.OpError, UnicodeEncodeError):
-        return self._fail('missing_image', name)
-    else:
-      data = _as_bytes(image)
-    if not data:
-      return self._fail('missing_image', name)
-    try:
-      if self.train:
-        # Crop, flip and RandAugment draw from (seed, host, epoch, position): the same
-        # after a resume.
-        rng = np.random.default_rng([self.aug_seed, int(epoch), int(pos)])
-        pixels = transforms.train_pixels(data, self.image_size, rng, self.crop_scale,
-                                         *self.randaug)
-      else:
-        pixels = transforms.load_pixels(data, self.image_size)
-    except Exception:  # pylint: disable=broad-except  (PIL raises many kinds)
-      return self._fail('corrupt_image', name)
-    ids, mask = self.encoder(text)
-    image_id = int(image_id)
-    if self.num_sources > 1:
-      image_id = (src << _ID_BITS) | (image_id & ((1 << _ID_BITS) - 1))
-    self.bad.good()
-    return pixels, ids, mask, np.int32(image_id & 0x7FFFFFFF), np.int32(0)
+@atexit.register  # registered after iterate.py's: runs first, while the workers are up
+def _close_all():
+  for pipeline in list(_OPEN):
+    pipeline.close()
 
 
 def _maybe_prepare(specs, data_config):
@@ -137,11 +78,16 @@ class Pipeline:
     self._offsets = np.cumsum([0] + [s.num_pairs for s in self._indexed])
     encoder = tokenize.TextEncoder(text_len, cfg.get('tokenizer', ''))
     aug_seed = int(np.random.SeedSequence([self.seed, process_index, 0]).generate_state(1)[0])
-    self._loader = _Loader(self._indexed, len(specs), encoder, self._bad, image_size, train,
-                           cfg.get('max_words', 30), aug_seed,
-                           (float(cfg.get('crop_scale_min', 0.2)),
-                            float(cfg.get('crop_scale_max', 1.0))),
-                           int(cfg.get('randaug_ops', 2)), int(cfg.get('randaug_magnitude', 7)))
+    work = workers_lib.RecordWork(
+        encoder, image_size, train, aug_seed,
+        (float(cfg.get('crop_scale_min', 0.2)), float(cfg.get('crop_scale_max', 1.0))),
+        (int(cfg.get('randaug_ops', 2)), int(cfg.get('randaug_magnitude', 7))))
+    self._workers = cfg.get('workers', 0) or 0
+    if not isinstance(self._workers, int) or self._workers < 0:
+      raise DataError(f'data.workers={self._workers!r}: 0 (work in this process) or more')
+    self._pool = None  # started with the iterator
+    self._loader = Loader(self._indexed, len(specs), self._bad, work,
+                          cfg.get('max_words', 30))
     self.num_examples = int(self._offsets[-1] + sum(s.num_pairs for s in self._sharded))
     if self.num_examples == 0:
       raise DataError(f'data spec {cfg[split]!r} has no records')
@@ -240,7 +186,7 @@ class Pipeline:
   def _dataset(self, epoch0, skip):
     """One pipeline for the iterator's life: epochs are flat-mapped one after the other
     (no rebuild, no stall); each element carries its (epoch, position) for get_state."""
-    cfg, size, L = self._cfg, self._image_size, self._loader.encoder.text_len
+    cfg, size, L = self._cfg, self._image_size, self._loader.work.encoder.text_len
 
     def epoch_stream(epoch):
       ds = self._handles(epoch).enumerate()
@@ -251,21 +197,36 @@ class Pipeline:
     ds = tf.data.Dataset.range(epoch0, last).flat_map(epoch_stream)
     keep = ('text_ids', 'text_mask', 'image_id', '_pos', '_epoch')
 
-    def load(e):
+    fields = ('src', 'idx', 'image', 'caption', 'image_id', 'name', '_epoch', '_pos')
+    out_types = [tf.uint8, tf.int32, tf.int32, tf.int32, tf.int32]
+
+    def load(e):  # one record, here
       pixels, ids, mask, image_id, reason = tf.numpy_function(
-          self._loader, [e['src'], e['idx'], e['image'], e['caption'], e['image_id'],
-                         e['name'], e['_epoch'], e['_pos']],
-          [tf.uint8, tf.int32, tf.int32, tf.int32, tf.int32], stateful=False)
+          self._loader, [e[k] for k in fields], out_types, stateful=False)
       return {'image': tf.ensure_shape(pixels, [size, size, 3]),
               'text_ids': tf.ensure_shape(ids, [L]), 'text_mask': tf.ensure_shape(mask, [L]),
               'image_id': tf.ensure_shape(image_id, []),
               'reason': tf.ensure_shape(reason, []), '_pos': e['_pos'], '_epoch': e['_epoch']}
 
+    def load_chunk(e):  # a chunk of records, in the worker processes
+      pixels, ids, mask, image_id, reason = tf.numpy_function(
+          self._loader.chunk, [e[k] for k in fields], out_types, stateful=False)
+      return {'image': tf.ensure_shape(pixels, [None, size, size, 3]),
+              'text_ids': tf.ensure_shape(ids, [None, L]),
+              'text_mask': tf.ensure_shape(mask, [None, L]),
+              'image_id': tf.ensure_shape(image_id, [None]),
+              'reason': tf.ensure_shape(reason, [None]), '_pos': e['_pos'],
+              '_epoch': e['_epoch']}
+
     def finish(r):
       out = {'image': r['image'], **{k: r[k] for k in keep}}
       return out if self.train else {**out, 'valid': tf.equal(r['reason'], 0)}
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if self._pool is None:
+      ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:  # two chunks in flight per worker: the next is ready when one finishes
+      ds = ds.batch(workers_lib.CHUNK).map(
+          load_chunk, num_parallel_calls=2 * self._pool.workers, deterministic=True).unbatch()
     if self.train:
       ds = ds.filter(lambda r: tf.equal(r['reason'], 0))
     ds = ds.map(finish).batch(self.batch_size, drop_remainder=self.train)
@@ -282,12 +243,20 @@ class Pipeline:
 
   def __next__(self):
     if self._it is None:
+      if self._workers and self._pool is None:
+        self._pool = self._loader.pool = workers_lib.WorkerPool(self._loader.work,
+                                                                self._workers)
+        _OPEN.add(self)
       self._it = NumpyIterator(self._dataset(self._epoch, self._position))
     if not self.train and self._batches >= self.steps_per_epoch:
       self._bad.maybe_log(final=True)
       raise StopIteration
     try:
       batch = next(self._it)
+    except tf.errors.OpError:
+      if self._pool is not None and self._pool.error is not None:
+        raise self._pool.error from None  # a worker died: say so, not TF's wrapping
+      raise
     except StopIteration:  # evaluation only (training never ends): pad to the fixed count
       self._bad.maybe_log(final=True)
       batch = None
@@ -295,7 +264,7 @@ class Pipeline:
     return self._finish(batch)
 
   def _finish(self, batch):
-    b, L, S = self.batch_size, self._loader.encoder.text_len, self._image_size
+    b, L, S = self.batch_size, self._loader.work.encoder.text_len, self._image_size
     if batch is None:
       batch = {'image': np.zeros([0, S, S, 3], np.uint8), 'text_ids': np.zeros([0, L], np.int32),
                'text_mask': np.zeros([0, L], np.int32), 'image_id': np.zeros([0], np.int32),
@@ -312,9 +281,17 @@ class Pipeline:
     return batch
 
   def close(self):
-    """Stops the background work now (it also stops when the iterator is collected)."""
+    """Stops the background work and any worker processes now (they also stop when the
+    pipeline is collected, or at exit)."""
     if self._it is not None:
       self._it.close()
+    if self._pool is not None:
+      self._pool.close()
+
+  @property
+  def worker_pids(self):
+    """Process ids of the data workers (empty with data.workers = 0 or before next())."""
+    return self._pool.pids if self._pool is not None else []
 
   def get_state(self):
     """Small JSON-serialisable position; pass it as `state=` to continue from here."""

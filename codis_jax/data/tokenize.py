@@ -59,6 +59,16 @@ class TextEncoder:
                                  pad_token=hf.pad_token)
     self._lock = threading.Lock()
 
+  def __getstate__(self):  # for the data worker processes: no transformers import there
+    return {'text_len': self.text_len, 'vocab_size': self.vocab_size,
+            'backend': self._backend.to_str()}
+
+  def __setstate__(self, state):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    self.text_len, self.vocab_size = state['text_len'], state['vocab_size']
+    self._backend = Tokenizer.from_str(state['backend'])
+    self._lock = threading.Lock()
+
   def __call__(self, text):
     with self._lock:
       enc = self._backend.encode(text)
