@@ -121,6 +121,14 @@ def test_workers_that_cannot_start_raise_a_data_error(monkeypatch):
     workers.WorkerPool(work, 2)
 
 
+def test_a_private_tf_data_pool_gets_a_thread_per_chunk_in_flight(tmp_path):
+  cfg = _mixed(tmp_path)
+  cfg.num_threads = 1  # as in the demo: else one chunk at a time would reach the workers
+  datasets = [_pipe(cfg, w)._dataset(0, 0) for w in (0, 3)]  # pylint: disable=protected-access
+  pools = [d.options().threading.private_threadpool_size for d in datasets]
+  assert pools == [1, 7]
+
+
 def test_bad_workers_value(tmp_path):
   cfg = _mixed(tmp_path)
   with pytest.raises(DataError, match=r'data.workers=-1'):

@@ -1,4 +1,4 @@
-"""python -m codis_jax.data.bench [--source synthetic|emoji] [--image_size 256] [--batches 30] [--workers 0]
+"""python -m codis_jax.data.bench [--source synthetic|emoji] [--image_size 256] [--workers W]
 
 Measures the pretraining input pipeline end to end (read, decode, random resized crop,
 flip, RandAugment, tokenise, batch of uint8 pixels; the model normalises on the device)

@@ -233,8 +233,8 @@ class Pipeline:
     ds = ds.prefetch(cfg.get('prefetch', 2))
     options = tf.data.Options()
     options.deterministic = True
-    if cfg.get('num_threads', 0):
-      options.threading.private_threadpool_size = cfg.num_threads
+    if cfg.get('num_threads', 0):  # plus a thread for each chunk waiting on a worker
+      options.threading.private_threadpool_size = cfg.num_threads + 2 * self._workers
     return ds.with_options(options)
 
   # ---- iterator protocol ---------------------------------------------------------------

@@ -7,11 +7,11 @@ Speed): one process stops near 1,700-2,000 images/s whatever its cores, short of
 host's 4-8 chips. With W workers the parent keeps only the record lookup and the
 bytes in and out, one call per chunk of records.
 
-Workers are `python -m codis_jax.data.workers` subprocesses, not multiprocessing's spawn,
-which would re-import the parent's __main__ (codis_jax.main: JAX, TensorFlow) into each;
-they import numpy, PIL, OpenCV and tokenizers only. They talk pickle over a pair of
-pipes, ignore SIGINT and SIGTERM (the parent handles preemption and may still need
-batches while it saves) and exit when the parent closes the pipe or dies.
+Workers are plain `python -c` subprocesses with the parent's sys.path, not
+multiprocessing's spawn, which would re-import the parent's __main__ (codis_jax.main: JAX,
+TensorFlow) into each; they import numpy, PIL, OpenCV and tokenizers only. They talk
+pickle over a pair of pipes, ignore SIGINT and SIGTERM (the parent handles preemption and
+may still need batches while it saves) and exit when the parent closes the pipe or dies.
 """
 
 import os
@@ -90,15 +90,13 @@ class WorkerPool:
     self.workers, self.error = workers, None
     self._idle = queue.SimpleQueue()
     self._procs = []
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
     for _ in range(workers):  # all start importing at once
       to_child, from_parent = os.pipe()
       to_parent, from_child = os.pipe()
-      proc = subprocess.Popen(
-          [sys.executable, '-m', 'codis_jax.data.workers', str(to_child), str(from_child)],
-          pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, env=env)
+      boot = (f'import sys; sys.path[:] = {sys.path!r}; '
+              f'from codis_jax.data.workers import serve; serve({to_child}, {from_child})')
+      proc = subprocess.Popen([sys.executable, '-c', boot], pass_fds=(to_child, from_child),
+                              stdin=subprocess.DEVNULL)
       os.close(to_child)
       os.close(from_child)
       self._procs.append((proc, connection.Connection(from_parent, readable=False),
@@ -164,7 +162,8 @@ def _shutdown(procs):
     recv.close()
 
 
-def _serve(read_fd, write_fd):
+def serve(read_fd, write_fd):
+  """A worker's main loop: the RecordWork, then chunks; replies until EOF."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   inbox = connection.Connection(read_fd, writable=False)
@@ -175,7 +174,3 @@ def _serve(read_fd, write_fd):
       outbox.send(work.chunk(inbox.recv()))
   except (EOFError, BrokenPipeError):  # the parent closed the pipe or is gone
     return
-
-
-if __name__ == '__main__':
-  _serve(int(sys.argv[1]), int(sys.argv[2]))
