@@ -153,3 +153,11 @@ def test_text_encoder_pickles_to_the_same_tokenisation():
     ids, mask = enc(text)
     assert ids.tolist() == ref['input_ids'] and mask.tolist() == ref['attention_mask']
   assert enc.vocab_size == 30522
+
+
+def test_data_bench_counts_the_workers_cpu():
+  from codis_jax.data import bench
+  r = bench.run('synthetic', image_size=32, batch_size=8, batches=4, warmup=1, workers=2)
+  assert r['workers'] == 2 and r['images_per_s'] > 0
+  # The decode work happens in the workers: total CPU per image well above the parent's.
+  assert 1e3 / r['images_per_cpu_s'] > 2 * r['parent_cpu_ms_per_image']
