@@ -4,9 +4,9 @@
 # CONFIG picks the config file/variant; by default the paper's settings, with the `gpu`
 # or `tpu` variant's performance knobs when the host has NVIDIA GPUs or TPU chips.
 # With several NVIDIA GPUs it starts one process per GPU (JAX multi-process over
-# localhost), so that each GPU has its own input pipeline: one process's pipeline stops
-# near 2,000 images/s (Python's GIL; README "Input pipeline"). PROCESSES=1 runs one
-# process for all of them. TPU hosts and CPUs run one process.
+# localhost), so that each GPU has its own input pipeline (the gpu variant's, with 8 data
+# worker processes; README "Input pipeline"). PROCESSES=1 runs one process for all of
+# them. TPU hosts and CPUs run one process (the tpu variant: 32 data workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workdir=${1:?usage: launch/single_host.sh WORKDIR [--config.key=value ...]}; shift

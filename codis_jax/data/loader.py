@@ -1,11 +1,11 @@
-"""Loader: record handles -> (pixels, ids, mask, image_id, reason), inside tf.data.
+"""Loader: chunks of record handles -> (pixels, ids, mask, image_id, reason), in tf.data.
 
 The parent's part of a record, run in tf.numpy_function on tf.data's threads: find the
 caption and image (JSON index lookup, or the bytes a shard carried), clean the caption,
 read remote files, count bad records by name. The image and text work itself is
-workers.RecordWork: called right here per record (data.workers = 0), or per chunk of
-records in worker processes (data.workers > 0). Either way a record's output depends
-only on the record and its (epoch, position), so both give the same batches.
+workers.RecordWork.chunk, which `run` calls right here (data.workers = 0) or in a worker
+process (WorkerPool.run). A record's output depends only on the record and its (epoch,
+position), so both give the same batches.
 """
 
 import numpy as np
@@ -32,12 +32,11 @@ class Loader:
     bad: errors.BadRecords.
     work: workers.RecordWork.
     max_words: ALBEF's pre_caption truncation.
-    pool: workers.WorkerPool running `work`, or None to run it in this process.
   """
 
-  def __init__(self, indexed, num_sources, bad, work, max_words, pool=None):
+  def __init__(self, indexed, num_sources, bad, work, max_words):
     self.indexed, self.num_sources, self.bad = indexed, num_sources, bad
-    self.work, self.max_words, self.pool = work, max_words, pool
+    self.work, self.max_words = work, max_words
 
   def _fetch(self, src, idx, image, caption, image_id, name):
     """-> ((path, data, text), name, image_id), or (None, name, failure reason)."""
@@ -75,21 +74,10 @@ class Loader:
     else:
       self.bad.good()
 
-  def __call__(self, src, idx, image, caption, image_id, name, epoch, pos):
-    """One record (scalars) -> pixels uint8 [S, S, 3], ids int32 [L], mask int32 [L],
-    image_id int32 [], reason int32 [] (0 = good)."""
-    item, name, out = self._fetch(src, idx, image, caption, image_id, name)
-    if item is None:
-      pixels, ids, mask, code = self.work.failed(out)
-    else:
-      pixels, ids, mask, code = self.work(*item, epoch, pos)
-    self._count(code, name)
-    return pixels, ids, mask, np.int32(out if not code else -1), np.int32(code)
-
-  def chunk(self, src, idx, image, caption, image_id, name, epoch, pos):
-    """A chunk of n records (arrays [n]) through the worker pool -> pixels uint8
-    [n, S, S, 3], ids int32 [n, L], mask int32 [n, L], image_id int32 [n], reason int32
-    [n]."""
+  def chunk(self, run, src, idx, image, caption, image_id, name, epoch, pos):
+    """n records (arrays [n]) -> pixels uint8 [n, S, S, 3], ids int32 [n, L], mask int32
+    [n, L], image_id int32 [n], reason int32 [n] (0 = good). `run`: RecordWork.chunk or
+    WorkerPool.run, given the records that passed the lookup."""
     n = len(src)
     fetched = [self._fetch(*r) for r in zip(src, idx, image, caption, image_id, name)]
     todo = [i for i, f in enumerate(fetched) if f[0] is not None]
@@ -99,7 +87,7 @@ class Loader:
     codes = np.asarray([0 if f[0] is not None else REASON_CODE[f[2]] for f in fetched],
                        np.int32)
     if todo:
-      out = self.pool.run([fetched[i][0] + (int(epoch[i]), int(pos[i])) for i in todo])
+      out = run([fetched[i][0] + (int(epoch[i]), int(pos[i])) for i in todo])
       pixels[todo], ids[todo], mask[todo], codes[todo] = out
     image_ids = np.asarray([f[2] if c == 0 else -1 for f, c in zip(fetched, codes)],
                            np.int32)

@@ -14,12 +14,13 @@ Bad records are skipped (training) or yielded with valid=False (evaluation) and
 counted per reason in stats(). MLM masking is not done here: the train step masks on
 device.
 
-Work. The per-image work (loader.Loader, workers.RecordWork) runs on tf.data's threads,
-or with data.workers = W > 0 in W worker processes, chunk by chunk: the same batches
-either way, without one process's GIL as the ceiling.
+Work. Records go through loader.Loader in chunks; their image and text work
+(workers.RecordWork) runs on tf.data's threads, or with data.workers = W > 0 in W worker
+processes: the same batches either way, without one process's GIL as the ceiling.
 """
 
 import atexit
+import functools
 import logging
 import os
 import weakref
@@ -199,18 +200,15 @@ class Pipeline:
 
     fields = ('src', 'idx', 'image', 'caption', 'image_id', 'name', '_epoch', '_pos')
     out_types = [tf.uint8, tf.int32, tf.int32, tf.int32, tf.int32]
+    if self._pool is None:  # the work right here, as many chunks at once as TF likes
+      run, parallel = self._loader.work.chunk, tf.data.AUTOTUNE
+    else:  # two chunks in flight per worker: the next is ready when one finishes
+      run, parallel = self._pool.run, 2 * self._workers
+    chunk = functools.partial(self._loader.chunk, run)
 
-    def load(e):  # one record, here
+    def load(e):  # one chunk of records (tf.numpy_function costs per call, not per record)
       pixels, ids, mask, image_id, reason = tf.numpy_function(
-          self._loader, [e[k] for k in fields], out_types, stateful=False)
-      return {'image': tf.ensure_shape(pixels, [size, size, 3]),
-              'text_ids': tf.ensure_shape(ids, [L]), 'text_mask': tf.ensure_shape(mask, [L]),
-              'image_id': tf.ensure_shape(image_id, []),
-              'reason': tf.ensure_shape(reason, []), '_pos': e['_pos'], '_epoch': e['_epoch']}
-
-    def load_chunk(e):  # a chunk of records, in the worker processes
-      pixels, ids, mask, image_id, reason = tf.numpy_function(
-          self._loader.chunk, [e[k] for k in fields], out_types, stateful=False)
+          chunk, [e[k] for k in fields], out_types, stateful=False)
       return {'image': tf.ensure_shape(pixels, [None, size, size, 3]),
               'text_ids': tf.ensure_shape(ids, [None, L]),
               'text_mask': tf.ensure_shape(mask, [None, L]),
@@ -222,11 +220,8 @@ class Pipeline:
       out = {'image': r['image'], **{k: r[k] for k in keep}}
       return out if self.train else {**out, 'valid': tf.equal(r['reason'], 0)}
 
-    if self._pool is None:
-      ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:  # two chunks in flight per worker: the next is ready when one finishes
-      ds = ds.batch(workers_lib.CHUNK).map(
-          load_chunk, num_parallel_calls=2 * self._pool.workers, deterministic=True).unbatch()
+    ds = ds.batch(workers_lib.CHUNK).map(
+        load, num_parallel_calls=parallel, deterministic=True).unbatch()
     if self.train:
       ds = ds.filter(lambda r: tf.equal(r['reason'], 0))
     ds = ds.map(finish).batch(self.batch_size, drop_remainder=self.train)
@@ -244,8 +239,7 @@ class Pipeline:
   def __next__(self):
     if self._it is None:
       if self._workers and self._pool is None:
-        self._pool = self._loader.pool = workers_lib.WorkerPool(self._loader.work,
-                                                                self._workers)
+        self._pool = workers_lib.WorkerPool(self._loader.work, self._workers)
         _OPEN.add(self)
       self._it = NumpyIterator(self._dataset(self._epoch, self._position))
     if not self.train and self._batches >= self.steps_per_epoch:

@@ -17,8 +17,9 @@ PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def normalize_pixels(images):
   """uint8 pixels [..., 3] -> float32 (x / 255 - mean) / std; float input is taken as
-  already normalised and returned as it is; other dtypes are refused. The data pipeline hands uint8 to the device
-  (a quarter of float32's bytes); here XLA fuses the scaling into the patch embedding."""
+  already normalised and returned as it is; other dtypes are refused. The data pipeline
+  hands uint8 to the device (a quarter of float32's bytes); here XLA fuses the scaling
+  into the patch embedding."""
   if jnp.issubdtype(images.dtype, jnp.floating):
     return images
   if images.dtype != jnp.uint8:
