@@ -124,9 +124,10 @@ def loop_step(config, tx, state, guarded=True):
   return guard.guard_step(step), (state, guard.init_guard())
 
 
-# Model knobs that change how the step computes, not the train state it starts from.
+# Model knobs that change how the step computes, not the train state it starts from (a
+# weight copy is derived from the weights: the cache rebuilds it per variant).
 PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv', 'pad_image_tokens',
-             'pad_text_tokens')
+             'pad_text_tokens', 'weight_copy')
 
 
 class StateCache:
@@ -145,9 +146,13 @@ class StateCache:
     key = json.dumps(key, sort_keys=True, default=str)
     if key != self._key:
       tx, state = self._init(config)
+      if isinstance(state, state_lib.TrainState):
+        state = state.replace(weight_copy=None)
       self._key, self._value = key, (tx, jax.device_get(state))
-    tx, host_state = self._value
-    return tx, jax.device_put(host_state)
+    tx, state = self._value
+    if isinstance(state, state_lib.TrainState):
+      state = state_lib.refresh_weight_copy(state, config.model)
+    return tx, jax.device_put(state)
 
 
 def ipot_call(config):

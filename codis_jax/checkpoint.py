@@ -1,8 +1,9 @@
 """Orbax checkpoints of a training run: save, restore (sharded), resume, and a raw reader.
 
 A checkpoint is WORKDIR/checkpoints/STEP/ with three items:
-  state   the whole TrainState as a nested dict (flax.serialization.to_state_dict): step,
-          params, ema_params, opt_state, image_queue, text_queue, queue_ptr
+  state   the TrainState as a nested dict (flax.serialization.to_state_dict): step,
+          params, ema_params, opt_state, image_queue, text_queue, queue_ptr; not its
+          weight copy, which is derived from the weights (`state.refresh_weight_copy`)
   extra   JSON: the base RNG key as raw key data, every host's data-iterator position, the
           non-finite guard's counters, wall-clock time used so far
   config  JSON: the config the run was started with
@@ -34,6 +35,13 @@ def _handlers():
           CONFIG: ocp.JsonCheckpointHandler()}
 
 
+def _saved_tree(state) -> dict:
+  """The state's nested dict as saved: without the derived weight copy."""
+  tree = serialization.to_state_dict(state)
+  tree.pop('weight_copy', None)
+  return tree
+
+
 def config_to_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
@@ -61,19 +69,25 @@ class Checkpointer:
 
   def restore_state(self, step, abstract_state, config=None):
     """Restores `step` into the layout of `abstract_state` (ShapeDtypeStructs with
-    shardings), after checking that every saved shape matches it."""
-    target = serialization.to_state_dict(abstract_state)
+    shardings), after checking that every saved shape matches it. A weight copy comes
+    back as None: `state.refresh_weight_copy` rebuilds it."""
+    if getattr(abstract_state, 'weight_copy', None) is not None:
+      abstract_state = abstract_state.replace(weight_copy=None)
+    target = _saved_tree(abstract_state)
     saved = self._manager.item_metadata(step)[STATE]
     check_compatible(getattr(saved, 'tree', saved), target,
                      where=os.path.join(self.directory, str(step)),
                      saved_config=self.restore_extra(step)['config'], config=config)
     out = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(target)}))
-    return serialization.from_state_dict(abstract_state, out[STATE])
+    tree = dict(out[STATE])
+    if hasattr(abstract_state, 'weight_copy'):
+      tree['weight_copy'] = None
+    return serialization.from_state_dict(abstract_state, tree)
 
   def save(self, step, state, extra: dict, config) -> None:
     self._manager.save(step, force=True, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(serialization.to_state_dict(state)),
+        STATE: ocp.args.StandardSave(_saved_tree(state)),
         EXTRA: ocp.args.JsonSave(extra),
         CONFIG: ocp.args.JsonSave(config_to_dict(config))}))
 

@@ -170,16 +170,29 @@ def _initial_state(config, tx, mesh, ckpt, start, rng_init):
   if start:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    return ckpt.restore_state(start, target, config), shardings
-  with sharding.mesh_context(mesh, config):
-    state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx),
-                    out_shardings=shardings)(rng_init)
-  if config.init.bert or config.init.vit:
+    state = ckpt.restore_state(start, target, config)
+  else:
+    with sharding.mesh_context(mesh, config):
+      state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx),
+                      out_shardings=shardings)(rng_init)
+    if not (config.init.bert or config.init.vit):
+      return state, shardings
     from codis_jax.interop import pretrained  # pylint: disable=import-outside-toplevel
     params = pretrained.apply_pretrained(state.params, config)
     state = state.replace(params=params, ema_params=jax.tree.map(
         jnp.copy, state_lib.teacher_subset(params)))
-  return state, shardings
+  return rebuild_weight_copy(state, config, shardings), shardings
+
+
+def rebuild_weight_copy(state, config, shardings):
+  """The state with its weight copy (never saved, stale once the weights change) made from
+  the weights it holds, placed as shardings.weight_copy; as it is without one."""
+  dtype = state_lib.weight_copy_dtype(config.model)
+  if dtype is None:
+    return state
+  copy = jax.jit(lambda p, e: state_lib.make_weight_copy(p, e, dtype),
+                 out_shardings=shardings.weight_copy)(state.params, state.ema_params)
+  return state.replace(weight_copy=copy)
 
 
 def _host(tree):

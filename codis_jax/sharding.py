@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import numpy as np
@@ -105,11 +106,16 @@ def state_logical_specs(config, tx):
       lambda leaf: P(), abstract.opt_state)
   opt_specs = _mirror_param_specs(abstract.opt_state, abstract.params, param_specs,
                                   opt_specs)
+  # A weight copy is split as the weights it copies.
+  flat_specs = traverse_util.flatten_dict(param_specs, sep='/')
+  copy_specs = None if abstract.weight_copy is None else {
+      k: {p: flat_specs[p] for p in leaves} for k, leaves in abstract.weight_copy.items()}
   return abstract, state_lib.TrainState(
       step=P(), params=param_specs,
       ema_params=state_lib.teacher_subset(param_specs),
       opt_state=opt_specs,
-      image_queue=P('queue', None), text_queue=P('queue', None), queue_ptr=P())
+      image_queue=P('queue', None), text_queue=P('queue', None), queue_ptr=P(),
+      weight_copy=copy_specs)
 
 
 def _mirror_param_specs(opt_state, params, param_specs, default):

@@ -3,6 +3,7 @@
 from typing import Any
 
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,15 +26,80 @@ class TrainState:
   image_queue: jax.Array     # [Q, E] teacher image features
   text_queue: jax.Array      # [Q, E] teacher text features
   queue_ptr: jax.Array       # int32 scalar, shared by both queues
+  # model.weight_copy: {'student': {path: leaf}, 'teacher': {...}}, the weights the model
+  # computes with in model.dtype (`codis.cast_param_paths`), kept in that dtype and
+  # rewritten from the float32 weights by every update, so that the forward passes read
+  # them as they are instead of converting each one every step. None when off. Derived
+  # state: checkpoints leave it out and `refresh_weight_copy` rebuilds it, as it must
+  # wherever params or ema_params are replaced (the step reads the copy, not them).
+  weight_copy: Any = None
 
 
 def teacher_subset(params):
   return {k: v for k, v in params.items() if k not in STUDENT_ONLY}
 
 
-def teacher_params(state: TrainState):
-  """The full tree the teacher model applies: EMA weights + the student-only leaves."""
-  return {**state.params, **state.ema_params}
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+@jax.custom_vjp
+def _read_copy(master, copy):
+  """copy (master in a compute dtype, rewritten by every update) forward; the gradient
+  goes to master in master's dtype, as autodiff of the model's own cast would send it."""
+  del master
+  return copy
+
+
+def _read_copy_fwd(master, copy):
+  return copy, jnp.zeros((), master.dtype)
+
+
+def _read_copy_bwd(like, g):
+  return g.astype(like.dtype), None
+
+
+_read_copy.defvjp(_read_copy_fwd, _read_copy_bwd)
+
+
+def read_weight_copy(params, state, which='student'):
+  """params, with the state's weight copy of `which` ('student' | 'teacher') read in place
+  of the leaves it copies (`TrainState.weight_copy`; params unchanged without one).
+  Gradients still come to every leaf of params, in its own dtype."""
+  copy = getattr(state, 'weight_copy', None)
+  if copy is None:
+    return params
+  flat = _flat(params)
+  flat.update({p: _read_copy(flat[p], leaf) for p, leaf in copy[which].items()})
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def teacher_params(state):
+  """The full tree the teacher model applies: EMA weights + the student-only leaves (with a
+  weight copy, the copy's leaves in their place)."""
+  return read_weight_copy({**state.params, **state.ema_params}, state, 'teacher')
+
+
+def weight_copy_dtype(model_config):
+  """The dtype of model.weight_copy's copies; None where there is none (off, or float32)."""
+  dtype = jnp.dtype(model_config.dtype)
+  return dtype if model_config.get('weight_copy', False) and dtype != jnp.float32 else None
+
+
+def make_weight_copy(params, ema_params, dtype):
+  """`TrainState.weight_copy` of these weights: the leaves `codis.cast_param_paths` names,
+  in dtype, for the student and the teacher."""
+  trees = {'student': _flat(params), 'teacher': _flat(ema_params)}
+  names = codis.cast_param_paths(trees['student'])
+  return {k: {p: t[p].astype(dtype) for p in names if p in t} for k, t in trees.items()}
+
+
+def refresh_weight_copy(state, model_config):
+  """state with its weight copy rebuilt from its float32 weights for `model_config` (or
+  dropped when that has none): after creating, restoring or replacing the weights."""
+  dtype = weight_copy_dtype(model_config)
+  copy = None if dtype is None else make_weight_copy(state.params, state.ema_params, dtype)
+  return state.replace(weight_copy=copy)
 
 
 def ema_update(teacher, student, momentum):
@@ -75,11 +141,11 @@ def create_train_state(config, rng, tx) -> TrainState:
   r_params, r_img, r_txt = jax.random.split(rng, 3)
   params = nn.meta.unbox(init_params(config, r_params))
   e = config.model.embed_dim
-  return TrainState(
+  return refresh_weight_copy(TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=jax.tree.map(jnp.copy, teacher_subset(params)),
       opt_state=tx.init(params),
       image_queue=queue_lib.init_queue(r_img, config.queue_size, e),
       text_queue=queue_lib.init_queue(r_txt, config.queue_size, e),
-      queue_ptr=jnp.zeros((), jnp.int32))
+      queue_ptr=jnp.zeros((), jnp.int32)), config.model)

@@ -5,7 +5,8 @@ Order inside the step (paper Alg. 1 + ALBEF):
   2. teacher forward only (EMA weights): image tokens/features, text features, MLM logits;
   3. student forward + losses: L_ica (queues), L_code (IPOT plans), ITM (hard negatives),
      MLM (with teacher distillation); total = eq. 9 with config weights;
-  4. AdamW update; temperature clamped; EMA teacher update with the new student;
+  4. AdamW update; temperature clamped; EMA teacher update with the new student; the
+     weight copy (model.weight_copy) rewritten;
   5. the teacher features of the batch are enqueued (after the losses used the old queue).
 Work is shared: the text encoder runs once on [clean; masked] text, the fusion encoder
 once on [ITM positives; ITM negatives x2; MLM] for the student and once (MLM) for the teacher.
@@ -85,6 +86,7 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     masked_ids, mlm_targets, mlm_weights = masked
     image_feat_m, text_feat_m, mlm_logits_m = teacher_out
     r_drop, r_neg = rngs
+    params = state_lib.read_weight_copy(params, state)  # the weight copy, if any, read instead
     apply = lambda method, *a: student.apply({'params': params}, *a, method=method,
                                              rngs={'dropout': r_drop})
     image_tokens, image_feat = apply(codis.CODIS.encode_image, images)
@@ -180,13 +182,18 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
 
 def apply_update(state, grads, tx, config, image_feat_m, text_feat_m):
   """What every step does after its gradients: AdamW, the temperature clamp, the EMA
-  teacher, the teacher's features [B, E] into the queues; step + 1. -> the new state."""
+  teacher, the teacher's features [B, E] into the queues; step + 1; the weight copy (if
+  any) from the new weights. -> the new state."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   # ALBEF clamps the stored temperature in place; the forward clamps it too.
   params['temp'] = jnp.clip(params['temp'], config.model.temp_min, config.model.temp_max)
   ema = state_lib.ema_update(state.ema_params, state_lib.teacher_subset(params),
                              config.momentum)
+  copy = getattr(state, 'weight_copy', None)
+  if copy is not None:  # written by the same kernels as the weights (XLA fuses the cast)
+    dtype = jax.tree.leaves(copy)[0].dtype
+    state = state.replace(weight_copy=state_lib.make_weight_copy(params, ema, dtype))
   image_queue, ptr = queue_lib.enqueue(state.image_queue, state.queue_ptr, image_feat_m)
   text_queue, _ = queue_lib.enqueue(state.text_queue, state.queue_ptr, text_feat_m)
   return state.replace(step=state.step + 1, params=params, ema_params=ema,

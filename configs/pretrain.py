@@ -61,6 +61,10 @@ def _paper() -> ml_collections.ConfigDict:
       # (masked; 0 = off): cuDNN's path otherwise pads the paper's 25 tokens to 26 in
       # every attention layer.
       pad_text_tokens=0,
+      # Keep the weights that compute in `dtype` as a copy in that dtype in the train state
+      # (float32 master weights stay; the update rewrites the copy), instead of converting
+      # each weight of student and teacher every step. No effect in float32.
+      weight_copy=False,
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -213,14 +217,15 @@ def _ablation(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
 
 # Performance knobs only (README "Performance"): the same model and losses, in bf16
 # compute (float32 master weights) and, with dropout, other draws of its masks; the state
-# has the same shapes, so a checkpoint from one resumes in the others.
+# has the same shapes (a weight copy is never saved), so a checkpoint from one resumes in
+# the others.
 # Data workers: a COCO-sized image costs ~3.8 ms of CPU (~260 images/s per worker) and
 # one process's threads stop near 2,000 images/s (the GIL; README, Input pipeline).
 # 8 feed one GPU's ~1,400 pairs/s at the target; 32 feed a 4-8 chip TPU host's ~3,000-
 # 5,500 (its compile-only rooflines) and fit the 200+ vCPUs of TPU VMs.
 _HARDWARE = {
     'gpu': dict(model=dict(dtype='bfloat16', attention_impl='cudnn', pad_image_tokens=8,
-                           pad_text_tokens=2), data=dict(workers=8)),
+                           pad_text_tokens=2, weight_copy=True), data=dict(workers=8)),
     'tpu': dict(model=dict(dtype='bfloat16', attention_impl='pallas'),
                 data=dict(workers=32)),
 }

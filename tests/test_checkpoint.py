@@ -5,7 +5,9 @@ No train step is compiled here (only the state's initialiser), so these stay fas
 
 import os
 
+from flax import traverse_util
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -77,3 +79,42 @@ def test_incompatible_checkpoint_is_refused_naming_the_shapes(tiny_config, tmp_p
   assert 'does not fit this config' in msg, msg
   assert 'params/visual_encoder/' in msg and '(32,)' in msg and '(48,)' in msg, msg
   assert 'model.vit_width: 32 -> 48' in msg, msg
+
+
+def test_weight_copy_is_left_out_and_rebuilt_from_the_restored_weights(tiny_config,
+                                                                       tmp_path):
+  """model.weight_copy: checkpoints hold the float32 weights only; a restore makes the bf16
+  copy from them, split as the weights (fsdp x tensor), and the same checkpoint restores
+  into a config without the copy."""
+  c = tiny_config
+  c.model.dtype, c.model.weight_copy = 'bfloat16', True
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  state, shardings, tx, mesh = _sharded_state(c)
+  assert state.weight_copy is not None
+  # Saved weights that differ from the copy: a restore must not bring back a stale one.
+  state = state.replace(params=jax.tree.map(lambda x: x + 0.25, state.params))
+  ckpt = _save(c, tmp_path, state)
+  assert 'weight_copy' not in ckpt_lib.restore_raw(str(tmp_path))['state']
+
+  restored, _ = loop._initial_state(c, tx, mesh, ckpt, 3, jax.random.key(1))
+  params = traverse_util.flatten_dict(jax.device_get(restored.params), sep='/')
+  ema = traverse_util.flatten_dict(jax.device_get(restored.ema_params), sep='/')
+  flat_shardings = traverse_util.flatten_dict(shardings.params, sep='/')
+  for which, weights in (('student', params), ('teacher', ema)):
+    copy = restored.weight_copy[which]
+    assert copy and set(copy) <= set(weights)
+    for path, leaf in copy.items():
+      np.testing.assert_array_equal(np.asarray(jax.device_get(leaf)),
+                                    weights[path].astype(ml_dtypes.bfloat16), path)
+      assert leaf.sharding.is_equivalent_to(flat_shardings[path], leaf.ndim), path
+  assert any(not s.is_fully_replicated for s in flat_shardings.values())
+  np.testing.assert_array_equal(params['temp'], np.asarray(state.params['temp']))
+
+  plain = c.copy_and_resolve_references()
+  plain.model.weight_copy = False
+  tx = state_lib.make_optimizer(plain.optim, plain.total_steps)
+  again, _ = loop._initial_state(plain, tx, mesh, ckpt, 3, jax.random.key(1))
+  ckpt.close()
+  assert again.weight_copy is None
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),
+               jax.device_get(restored.params))

@@ -2,8 +2,10 @@
 with the others, and a state of the same shapes (so checkpoints move between them)."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
+from codis_jax import checkpoint
 from codis_jax import state as state_lib
 from configs import pretrain
 from configs import retrieval_coco
@@ -13,7 +15,7 @@ from configs import retrieval_coco
 def test_hardware_variant_composes_in_any_order(spec):
   c = pretrain.get_config(spec)
   assert (c.model.dtype, c.model.attention_impl, c.model.pad_image_tokens,
-          c.model.pad_text_tokens) == ('bfloat16', 'cudnn', 8, 2)
+          c.model.pad_text_tokens, c.model.weight_copy) == ('bfloat16', 'cudnn', 8, 2, True)
   assert c.loss.ica_terms == 'i2t,t2i' and not c.loss.use_codebook
   # Only `model` performance keys and the data workers differ from the paper's settings.
   paper, tpu = pretrain.get_config('cross_only'), pretrain.get_config('tpu')
@@ -41,8 +43,14 @@ def test_hardware_variants_build_the_same_state(cudnn_via_xla):
     return jax.eval_shape(lambda r: state_lib.create_train_state(c, r, tx),
                           jax.random.key(0))
 
+  saved = lambda state: checkpoint._saved_tree(state)  # what a checkpoint holds
   paper = shapes('paper')
   for spec in ('gpu', 'tpu'):
     state = shapes(spec)
-    assert jax.tree.structure(state) == jax.tree.structure(paper)
-    assert jax.tree.leaves(state) == jax.tree.leaves(paper), spec
+    assert jax.tree.structure(saved(state)) == jax.tree.structure(saved(paper))
+    assert jax.tree.leaves(saved(state)) == jax.tree.leaves(saved(paper)), spec
+  # The gpu variant's bf16 weight copy (model.weight_copy) is all it adds, never saved.
+  copy = shapes('gpu').weight_copy
+  assert paper.weight_copy is None and shapes('tpu').weight_copy is None
+  assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype('bfloat16')}
+  assert 'visual_encoder/blocks_0/mlp/fc1/kernel' in copy['teacher']

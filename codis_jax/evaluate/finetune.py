@@ -95,7 +95,8 @@ def finetune(config, workdir) -> dict:
       log.info('resuming from %s/%d', ckpt.directory, start)
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-      state = ckpt.restore_state(start, target, config)
+      state = loop.rebuild_weight_copy(ckpt.restore_state(start, target, config), config,
+                                       shardings)
     else:
       state = jax.jit(lambda r, p, e: finetune_step.initial_state(config, tx, r, p, e),
                       out_shardings=shardings)(rng_init, params, ema)

@@ -40,13 +40,14 @@ class FinetuneState:
   text_queue: jax.Array    # [Q, E] teacher text features
   idx_queue: jax.Array     # [Q] int32 image id of each queued pair
   queue_ptr: jax.Array
+  weight_copy: Any = None  # as TrainState's (model.weight_copy)
 
 
 def from_train_state(base: state_lib.TrainState, idx_queue) -> FinetuneState:
   return FinetuneState(step=base.step, params=base.params, ema_params=base.ema_params,
                        opt_state=base.opt_state, image_queue=base.image_queue,
                        text_queue=base.text_queue, idx_queue=idx_queue,
-                       queue_ptr=base.queue_ptr)
+                       queue_ptr=base.queue_ptr, weight_copy=base.weight_copy)
 
 
 def initial_state(config, tx, rng, params=None, ema_params=None) -> FinetuneState:
@@ -55,7 +56,8 @@ def initial_state(config, tx, rng, params=None, ema_params=None) -> FinetuneStat
   base = state_lib.create_train_state(config, rng, tx)
   if params is not None:
     ema = ema_params if ema_params is not None else state_lib.teacher_subset(params)
-    base = base.replace(params=params, ema_params=ema, opt_state=tx.init(params))
+    base = state_lib.refresh_weight_copy(
+        base.replace(params=params, ema_params=ema, opt_state=tx.init(params)), config.model)
   return from_train_state(base, jnp.full((config.queue_size,), NO_ID, jnp.int32))
 
 
@@ -104,6 +106,7 @@ def make_finetune_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     images, ids, mask = batch['image'], batch['text_ids'], batch['text_mask']
     image_ids = batch['image_id'].astype(jnp.int32)
     r_drop, r_neg = rngs
+    params = state_lib.read_weight_copy(params, state)
     apply = lambda method, *a: student.apply({'params': params}, *a, method=method,
                                              rngs={'dropout': r_drop})
     image_tokens, image_feat = apply(codis.CODIS.encode_image, images)

@@ -25,6 +25,27 @@ def l2_normalize(x, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+# Parameters the model uses in float32 whatever config.dtype: the projections into the
+# joint space and the ITM head (built with dtype=float32 below), the temperature, the
+# codebook, and the ViT's [CLS] token, which is broadcast over the batch before its cast
+# (so its gradient sums the batch in float32). flax's LayerNorms, too, compute with float32
+# scale and bias.
+FLOAT32_PARAMS = ('vision_proj', 'text_proj', 'itm_head', 'temp', 'codebook',
+                  'visual_encoder/cls_token')
+
+
+def cast_param_paths(flat_params) -> list:
+  """Which parameters the model casts to config.dtype before it uses them: every kernel,
+  Dense bias, embedding table and position embedding, i.e. all but FLOAT32_PARAMS and the
+  LayerNorms' scale and bias. flat_params: {'a/b/kernel': leaf} (flax's flatten_dict,
+  sep='/') -> sorted paths."""
+  def float32(path):
+    module, _, name = path.rpartition('/')
+    layer_norm = name in ('scale', 'bias') and f'{module}/scale' in flat_params
+    return layer_norm or any(path == f or path.startswith(f + '/') for f in FLOAT32_PARAMS)
+  return sorted(p for p in flat_params if not float32(p))
+
+
 class CODIS(nn.Module):
   config: ml_collections.FrozenConfigDict  # the `model` part of the config
   train: bool = False  # dropout on (student) or off (teacher, evaluation)
