@@ -71,7 +71,8 @@ class Checkpointer:
     """Restores `step` into the layout of `abstract_state` (ShapeDtypeStructs with
     shardings), after checking that every saved shape matches it. A weight copy comes
     back as None: `state.refresh_weight_copy` rebuilds it."""
-    if getattr(abstract_state, 'weight_copy', None) is not None:
+    has_copy = hasattr(abstract_state, 'weight_copy')  # TrainState's; not in the files
+    if has_copy:
       abstract_state = abstract_state.replace(weight_copy=None)
     target = _saved_tree(abstract_state)
     saved = self._manager.item_metadata(step)[STATE]
@@ -80,9 +81,7 @@ class Checkpointer:
                      saved_config=self.restore_extra(step)['config'], config=config)
     out = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(target)}))
-    tree = dict(out[STATE])
-    if hasattr(abstract_state, 'weight_copy'):
-      tree['weight_copy'] = None
+    tree = {**out[STATE], 'weight_copy': None} if has_copy else out[STATE]
     return serialization.from_state_dict(abstract_state, tree)
 
   def save(self, step, state, extra: dict, config) -> None:

@@ -60,7 +60,7 @@ def _compare_steps():
       state, m = step(state, batch, jax.random.key(i))
       metrics.append(jax.device_get(m))
       if copy:
-        _check_copy(state)
+        check_copy(state)
     runs[copy] = metrics, jax.device_get(state.replace(weight_copy=None))
   (want_m, want), (got_m, got) = runs[False], runs[True]
   for w, g in zip(want_m, got_m):
@@ -71,16 +71,25 @@ def _compare_steps():
   print('steps agree')
 
 
-def _check_copy(state):
+def check_copy(state, shardings=None):
+  """The state's weight copy holds the leaves `cast_param_paths` names, each numpy's bf16
+  rounding of the weight it copies and, given the state's shardings, split as it.
+  (tests/test_checkpoint.py uses it too.)"""
   student, teacher = state.weight_copy['student'], state.weight_copy['teacher']
   params = jax.device_get(state_lib._flat(state.params))
   ema = jax.device_get(state_lib._flat(state.ema_params))
   assert set(student) == set(codis.cast_param_paths(params)) and set(teacher) <= set(ema)
+  assert teacher
+  split = None if shardings is None else state_lib._flat(shardings.params)
   for copies, weights in ((student, params), (teacher, ema)):
     for path, leaf in copies.items():
       assert leaf.dtype == jnp.bfloat16, path
-      np.testing.assert_array_equal(np.asarray(leaf),
+      np.testing.assert_array_equal(np.asarray(jax.device_get(leaf)),
                                     weights[path].astype(ml_dtypes.bfloat16), path)
+      if split is not None:
+        assert leaf.sharding.is_equivalent_to(split[path], leaf.ndim), path
+  if split is not None:
+    assert any(not s.is_fully_replicated for s in split.values())
 
 
 def test_steps_with_the_copy_equal_the_steps_without():
@@ -162,12 +171,7 @@ def test_sharded_step_keeps_the_copy_split_as_the_weights(tiny_config):
   state, metrics = step(state, sharding.shard_batch(mesh, make_batch(c, seed=0)),
                         jax.random.key(1))
   assert np.isfinite(float(metrics['loss']))
-  _check_copy(state)
-  split = state_lib._flat(shardings.params)
-  assert any(not s.is_fully_replicated for s in split.values())
-  for which in ('student', 'teacher'):
-    for path, leaf in state.weight_copy[which].items():
-      assert leaf.sharding.is_equivalent_to(split[path], leaf.ndim), (which, path)
+  check_copy(state, shardings)
 
 
 def test_finetune_state_takes_the_copy_of_its_weights_and_rewrites_it():
@@ -185,11 +189,11 @@ def test_finetune_state_takes_the_copy_of_its_weights_and_rewrites_it():
     st = jax.jit(lambda r, p, e, c=c, tx=tx: finetune_step.initial_state(c, tx, r, p, e))(
         jax.random.key(0), pre.params, pre.ema_params)
     if copy:
-      _check_copy(st)
+      check_copy(st)
     st, metrics = jax.jit(finetune_step.make_finetune_step(c, tx, steps_per_epoch=10))(
         st, batch, jax.random.key(3))
     if copy:
-      _check_copy(st)
+      check_copy(st)
     out[copy] = jax.device_get(metrics)
   for k in ('loss', 'loss_ita', 'loss_itm'):  # the suite's XLA:CPU level 0: not bit-equal
     np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, err_msg=k)
