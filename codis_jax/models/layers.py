@@ -43,6 +43,55 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+# Parameters that enter the compute dtype by broadcast or gather. Autodiff of
+# `x + p.astype(bf16)` sums p's gradient over the batch in bf16, where a running sum of
+# B*T terms (16,448 per ViT bias at the paper's batch) stops growing once it is 256 times
+# its addends. These two sum in float32 and round once to p's dtype, as a bf16 matmul
+# rounds its weight gradient. p comes in the compute dtype (cast by the caller, or read
+# from the weight copy), so the step computes the same with and without the copy.
+
+@jax.custom_vjp
+def add_param(x, p):
+  """x [*lead, *P] + p [*P] (same dtype) -> [*lead, *P]; p's gradient sums `lead` in
+  float32."""
+  if x.shape[x.ndim - p.ndim:] != p.shape or x.dtype != p.dtype:
+    raise ValueError(f'add_param: {p.dtype}{list(p.shape)} is not the trailing shape and '
+                     f'dtype of {x.dtype}{list(x.shape)}')
+  return x + p
+
+
+def _add_param_fwd(x, p):
+  return add_param(x, p), jnp.zeros((0,) + p.shape, p.dtype)  # p's type, no bytes
+
+
+def _add_param_bwd(like, g):
+  rows = g.reshape((-1,) + like.shape[1:])
+  return g, jnp.sum(rows, 0, dtype=jnp.float32).astype(like.dtype)
+
+
+add_param.defvjp(_add_param_fwd, _add_param_bwd)
+
+
+@jax.custom_vjp
+def take_param(table, ids):
+  """Rows of table [V, *E] at ids int [*I] -> [*I, *E]; the table's gradient is
+  scatter-added in float32 (a frequent token's row sums thousands of cotangents)."""
+  return jnp.take(table, ids, axis=0)
+
+
+def _take_param_fwd(table, ids):
+  return take_param(table, ids), (jnp.zeros((0,) + table.shape, table.dtype), ids)
+
+
+def _take_param_bwd(residuals, g):
+  like, ids = residuals
+  rows = jnp.zeros(like.shape[1:], jnp.float32).at[ids].add(g.astype(jnp.float32))
+  return rows.astype(like.dtype), None
+
+
+take_param.defvjp(_take_param_fwd, _take_param_bwd)
+
+
 def logical_init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
@@ -82,15 +131,14 @@ class Dense(nn.Module):
   def __call__(self, x):
     n_in = len(self.in_axes)
     in_dims = x.shape[x.ndim - n_in:]
-    kernel, bias = self.weights(in_dims)
-    kernel = kernel.astype(self.dtype)
+    kernel, bias = (w.astype(self.dtype) for w in self.weights(in_dims))
     if self.flat:
       lead = x.shape[:x.ndim - n_in]
       y = x.reshape(lead + (-1,)).astype(self.dtype) @ kernel.reshape(np.prod(in_dims), -1)
-      return (y + bias.reshape(-1).astype(self.dtype)).reshape(lead + self.features)
+      return add_param(y, bias.reshape(-1)).reshape(lead + self.features)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
-    return y + bias.astype(self.dtype)
+    return add_param(y, bias)
 
 
 def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False):
@@ -209,19 +257,20 @@ def fused_projection(x, denses):
   dtype = denses[0].dtype
   kernel = jnp.stack([w for w, _ in ws], 1).astype(dtype)  # [C, n, H, D]
   y = jnp.einsum('btc,cnhd->btnhd', x.astype(dtype), kernel)
-  return _split_add_bias(y, jnp.stack([b for _, b in ws]))
+  return _split_add_bias(y, jnp.stack([b for _, b in ws]).astype(dtype))
 
 
 @jax.custom_vjp
 def _split_add_bias(y, bias):
-  """y [B, T, n, H, D], bias float32 [n, H, D] -> n arrays [B, T, H, D], y[:, :, i] +
-  bias[i] in y's dtype.
+  """y [B, T, n, H, D], bias [n, H, D] (y's dtype) -> n arrays [B, T, H, D], y[:, :, i] +
+  bias[i].
 
   The backward stacks the n cotangents once and reduces the bias gradient from that stack
-  (in float32). Autodiff of the n slices and adds reduced each cotangent alone and padded
-  and summed them into the stack: 96 more launches on the H200 roofline (36.71 -> 36.52 ms).
+  (in float32, rounded once, as `add_param`). Autodiff of the n slices and adds reduced
+  each cotangent alone and padded and summed them into the stack: 96 more launches on the
+  H200 roofline (36.71 -> 36.52 ms).
   """
-  return tuple(y[:, :, i] + bias[i].astype(y.dtype) for i in range(y.shape[2]))
+  return tuple(y[:, :, i] + bias[i] for i in range(y.shape[2]))
 
 
 def _split_add_bias_fwd(y, bias):
@@ -230,7 +279,7 @@ def _split_add_bias_fwd(y, bias):
 
 def _split_add_bias_bwd(_, gs):
   dy = jnp.stack(gs, 2)
-  return dy, dy.astype(jnp.float32).sum((0, 1))
+  return dy, jnp.sum(dy, (0, 1), dtype=jnp.float32).astype(dy.dtype)
 
 
 _split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)

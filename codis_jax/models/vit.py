@@ -29,6 +29,26 @@ def normalize_pixels(images):
   return images.astype(jnp.float32) * scale - shift
 
 
+class PatchEmbed(nn.Module):
+  """images [B, H, W, 3] -> [B, H/p, W/p, D]: timm's stride-p convolution (flax's
+  nn.Conv parameters: kernel [p, p, 3, D], bias [D]), its bias through `add_param`."""
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    kernel = self.param('kernel', layers.logical_init(_INIT, (None, None, None, 'embed')),
+                        (p, p, images.shape[-1], self.width), jnp.float32)
+    bias = self.param('bias', layers.logical_init(nn.initializers.zeros, ('embed',)),
+                      (self.width,), jnp.float32)
+    x = jax.lax.conv_general_dilated(
+        normalize_pixels(images).astype(self.dtype), kernel.astype(self.dtype), (p, p),
+        'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return layers.add_param(x, bias.astype(self.dtype))
+
+
 class ViTBlock(nn.Module):
   """x + attn(norm1(x)); x + mlp(norm2(x)). [B, T, D] -> [B, T, D]."""
   num_heads: int
@@ -73,11 +93,7 @@ class ViT(nn.Module):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of patch {p}')
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=layers.logical_init(_INIT, (None, None, None, 'embed')),
-                bias_init=layers.logical_init(nn.initializers.zeros, ('embed',)),
-                name='patch_embed')(normalize_pixels(images).astype(self.dtype))
+    x = PatchEmbed(p, self.width, self.dtype, name='patch_embed')(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     cls = self.param('cls_token', layers.logical_init(_INIT, (None, None, 'embed')),
@@ -85,7 +101,8 @@ class ViT(nn.Module):
     pos = self.param('pos_embed', layers.logical_init(_INIT, (None, None, 'embed')),
                      (1, 1 + gh * gw, d), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
-    x = layers.constrain(x + pos.astype(x.dtype), ('act_batch', 'act_len', 'act_embed'))
+    x = layers.add_param(x, pos.astype(x.dtype)[0])
+    x = layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
     n = x.shape[1]
     extra = layers.padding_to(n, self.pad_tokens_to)
     x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
