@@ -12,12 +12,12 @@ Performance: parameter gradients are summed in float32).
 
 from absl import app
 from absl import flags
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from codis_jax import bench
-from codis_jax import state as state_lib
 from codis_jax import train
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,8 @@ def step_grads(config, batch_size: int, dtype: str) -> dict:
   step = train.make_train_step(config, tx, steps_per_epoch=10)
   batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(config, batch_size))
   loss = lambda p: step(state.replace(params=p), batch, jax.random.key(3))[1]['loss']
-  return jax.device_get(state_lib._flat(jax.jit(jax.grad(loss))(state.params)))
+  grads = jax.jit(jax.grad(loss))(state.params)
+  return traverse_util.flatten_dict(jax.device_get(grads), sep='/')
 
 
 def group(path: str, paths) -> str | None:
