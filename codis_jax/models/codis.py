@@ -26,12 +26,9 @@ def l2_normalize(x, eps=1e-12):
 
 
 # Parameters the model uses in float32 whatever config.dtype: the projections into the
-# joint space and the ITM head (built with dtype=float32 below), the temperature, the
-# codebook, and the ViT's [CLS] token, which is broadcast over the batch before its cast
-# (so its gradient sums the batch in float32). flax's LayerNorms, too, compute with float32
-# scale and bias.
-FLOAT32_PARAMS = ('vision_proj', 'text_proj', 'itm_head', 'temp', 'codebook',
-                  'visual_encoder/cls_token')
+# joint space and the ITM head (built with dtype=float32 below), the temperature and the
+# codebook. flax's LayerNorms, too, compute with float32 scale and bias.
+FLOAT32_PARAMS = ('vision_proj', 'text_proj', 'itm_head', 'temp', 'codebook')
 
 
 def cast_param_paths(flat_params) -> list:

@@ -65,8 +65,13 @@ def _add_param_fwd(x, p):
 
 
 def _add_param_bwd(like, g):
-  rows = g.reshape((-1,) + like.shape[1:])
-  return g, jnp.sum(rows, 0, dtype=jnp.float32).astype(like.dtype)
+  return g, _sum_to_param(g, like.ndim - 1, like.dtype)
+
+
+def _sum_to_param(g, ndim, dtype):
+  """g [*lead, *P] (P: the last ndim dims) -> [*P], summed over lead in float32 and
+  rounded once to dtype."""
+  return jnp.sum(g, tuple(range(g.ndim - ndim)), dtype=jnp.float32).astype(dtype)
 
 
 add_param.defvjp(_add_param_fwd, _add_param_bwd)
@@ -279,7 +284,7 @@ def _split_add_bias_fwd(y, bias):
 
 def _split_add_bias_bwd(_, gs):
   dy = jnp.stack(gs, 2)
-  return dy, jnp.sum(dy, (0, 1), dtype=jnp.float32).astype(dy.dtype)
+  return dy, _sum_to_param(dy, 3, dy.dtype)
 
 
 _split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)

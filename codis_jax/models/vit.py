@@ -100,7 +100,9 @@ class ViT(nn.Module):
                      (1, 1, d), jnp.float32)
     pos = self.param('pos_embed', layers.logical_init(_INIT, (None, None, 'embed')),
                      (1, 1 + gh * gw, d), jnp.float32)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+    # The [CLS] row broadcast over the batch, its gradient summed in float32.
+    cls = layers.add_param(jnp.zeros((b, 1, d), x.dtype), cls.astype(x.dtype)[0])
+    x = jnp.concatenate([cls, x], axis=1)
     x = layers.add_param(x, pos.astype(x.dtype)[0])
     x = layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
     n = x.shape[1]
