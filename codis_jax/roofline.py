@@ -85,16 +85,21 @@ device_description_str: "{target}"
 
 def compile_only_device(target: str):
   """A compile-only CUDA device for `target` (JAX's CUDA plugin; no GPU needed)."""
+  return compile_only_devices(target, 1)[0]
+
+
+def compile_only_devices(target: str, n: int):
+  """n compile-only CUDA devices of `target` on one host (NVLink), for sharded steps."""
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(platform='cuda', topology_name='',
-                                        topology='1x1x1', target_config=target_config(target))
+                                        topology=f'1x1x{n}', target_config=target_config(target))
   except Exception as e:  # the plugin is missing, or too old for deviceless compilation
     raise SystemExit(
         f'roofline: cannot create a compile-only CUDA device ({type(e).__name__}: {e}).\n'
         f'Install JAX\'s CUDA plugin matching jax {jax.__version__}: pip install '
         f'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__}') from None
-  return topo.devices[0]
+  return topo.devices
 
 
 def step_args(config):

@@ -65,6 +65,11 @@ def _paper() -> ml_collections.ConfigDict:
       # (float32 master weights stay; the update rewrites the copy), instead of converting
       # each weight of student and teacher every step. No effect in float32.
       weight_copy=False,
+      # The dtype each weight gradient leaves its matmul in, and so the dtype of XLA's
+      # cross-device sum of it (all-reduce / reduce-scatter): float32, or `dtype` to halve
+      # that traffic and sum in bf16 (as FSDP's reduce_dtype, Megatron's
+      # --grad-reduce-in-bf16). Rounded to `dtype` after the sum either way.
+      weight_grad_dtype='float32',
   ))
 
   c.loss = ml_collections.ConfigDict(dict(

@@ -3,7 +3,8 @@
 A checkpoint knows its architecture: the model config is the checkpoint's, except the
 image size (fine-tuning and ALBEF's zero-shot evaluation run at 384 px on a model
 pretrained at 256, with the position embeddings interpolated), the performance knobs
-(dtype, remat, attention_impl, share_image_kv, pad_image/text_tokens, weight_copy) and the
+(dtype, remat, attention_impl, share_image_kv, pad_image/text_tokens, weight_copy,
+weight_grad_dtype) and the
 training knobs (dropout, temperature clamp), which come from the current config.
 """
 
@@ -18,8 +19,8 @@ log = logging.getLogger('codis_jax.evaluate')
 
 # Taken from the current config; everything else in `model` from the checkpoint.
 RUNTIME_KEYS = ('image_size', 'dtype', 'remat', 'attention_impl', 'share_image_kv',
-                'pad_image_tokens', 'pad_text_tokens', 'weight_copy', 'dropout', 'temp_min',
-                'temp_max')
+                'pad_image_tokens', 'pad_text_tokens', 'weight_copy', 'weight_grad_dtype',
+                'dropout', 'temp_min', 'temp_max')
 PARAMS_CHOICES = ('student', 'ema')
 
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from codis_jax.models import layers
+from codis_jax.models import param_ops
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -43,21 +44,23 @@ class BertEmbeddings(nn.Module):
     if length > self.max_positions:
       raise ValueError(f'text length {length} exceeds max_positions {self.max_positions}')
     # Position and type rows are added once to every row of the batch, their gradients
-    # summed over the batch in float32 (`layers.add_param`); every token has type 0. They
+    # summed over the batch in float32 (`param_ops.add_param`); every token has type 0. They
     # are gathered, not sliced: with a slice XLA:GPU lays the whole text stream out
     # batch-minor (H200 roofline of the paper step +1.1 ms).
     table = lambda embed: embed.embedding.astype(self.dtype)
-    x = layers.take_param(table(self.word_embeddings), ids)
-    x = layers.add_param(x, layers.take_param(table(self.position_embeddings),
-                                              jnp.arange(length)))
-    x = layers.add_param(x, layers.take_param(table(self.token_type_embeddings),
-                                              jnp.zeros((), jnp.int32)))
+    x = param_ops.take_param(table(self.word_embeddings), ids)
+    x = param_ops.add_param(x, param_ops.take_param(table(self.position_embeddings),
+                                                    jnp.arange(length)))
+    x = param_ops.add_param(x, param_ops.take_param(table(self.token_type_embeddings),
+                                                    jnp.zeros((), jnp.int32)))
     x = self.drop(self.norm(x), deterministic=self.deterministic)
     return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
 
-  def attend(self, hidden):
-    """Tied decoder: hidden [B, L, D] -> [B, L, V] against the word embeddings."""
-    return self.word_embeddings.attend(hidden)
+  def attend(self, hidden, grad_dtype=None):
+    """Tied decoder: hidden [B, L, D] (the compute dtype) -> [B, L, V] against the word
+    embeddings; their gradient leaves the matmul in grad_dtype (`param_ops.dot_param`)."""
+    table = self.word_embeddings.embedding.astype(hidden.dtype)
+    return param_ops.dot_param(hidden, table.T, 1, grad_dtype)
 
 
 class BertLayer(nn.Module):
@@ -75,12 +78,13 @@ class BertLayer(nn.Module):
   cross: bool = False
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, x, x_mask, image=None, image_index=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
     attn = lambda name: layers.Attention(self.num_heads, self.dtype, _INIT,
-                                         self.attention_impl, name=name)
+                                         self.attention_impl, self.grad_dtype, name=name)
     norm = lambda name: layers.layer_norm(self.eps, self.dtype, name)
     x = norm('attention_norm')(x + drop(attn('attention')(x, x, x_mask)))
     if self.cross:
@@ -88,10 +92,10 @@ class BertLayer(nn.Module):
       x = norm('crossattention_norm')(x + drop(attn('crossattention')(x, image, None,
                                                                         image_index)))
     h = layers.dense(self.mlp_dim, 'embed', ('mlp',), dtype=self.dtype, init=_INIT,
-                     name='intermediate')(x)
+                     name='intermediate', grad_dtype=self.grad_dtype)(x)
     h = layers.constrain(layers.gelu(h), ('act_batch', 'act_len', 'act_mlp'))
     h = layers.dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=_INIT,
-                     name='output')(h)
+                     name='output', grad_dtype=self.grad_dtype)(h)
     x = norm('output_norm')(x + drop(h))
     return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
 
@@ -118,6 +122,7 @@ class BertStack(nn.Module):
   remat: str = 'none'
   attention_impl: str | None = None
   pad_tokens_to: int = 0
+  grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, x, text_mask, image=None, image_index=None):
@@ -129,7 +134,7 @@ class BertStack(nn.Module):
     for i in range(self.first_layer, self.first_layer + self.num_layers):
       x = layer_cls(self.num_heads, self.mlp_dim, self.eps, self.dropout,
                     self.deterministic, self.cross, self.dtype, self.attention_impl,
-                    name=f'layer_{i}')(x, mask, image, image_index)
+                    self.grad_dtype, name=f'layer_{i}')(x, mask, image, image_index)
     return x[:, :n]
 
 
@@ -141,14 +146,15 @@ class MlmHead(nn.Module):
   vocab_size: int
   eps: float
   dtype: Any = jnp.float32
+  grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, hidden, embeddings: BertEmbeddings):
     # A square kernel cannot name 'embed' twice; its output dim stays unsplit.
     h = layers.dense(hidden.shape[-1], 'embed', ('embed_out',), dtype=self.dtype,
-                     init=_INIT, name='transform')(hidden)
+                     init=_INIT, name='transform', grad_dtype=self.grad_dtype)(hidden)
     h = layers.layer_norm(self.eps, self.dtype, 'transform_norm')(layers.gelu(h))
     bias = self.param('bias', layers.logical_init(nn.initializers.zeros, ('vocab',)),
                       (self.vocab_size,), jnp.float32)
-    logits = layers.add_param(embeddings.attend(h), bias.astype(h.dtype))
+    logits = param_ops.add_param(embeddings.attend(h, self.grad_dtype), bias.astype(h.dtype))
     return layers.constrain(logits, ('act_batch', 'act_len', 'act_vocab'))

@@ -43,6 +43,19 @@ def cast_param_paths(flat_params) -> list:
   return sorted(p for p in flat_params if not float32(p))
 
 
+def weight_grad_dtype(model_config):
+  """config.model.weight_grad_dtype (default float32): the dtype each weight gradient
+  leaves its matmul in, and so the dtype of XLA's cross-device sum of it; float32 or
+  model.dtype (bf16 halves that traffic, as FSDP's reduce_dtype or Megatron's
+  --grad-reduce-in-bf16)."""
+  name = model_config.get('weight_grad_dtype', 'float32')
+  allowed = {'float32', jnp.dtype(model_config.dtype).name}
+  if name not in allowed:
+    raise ValueError(f'config.model.weight_grad_dtype={name!r}: choose from {sorted(allowed)} '
+                     f'(float32, or model.dtype={model_config.dtype!r})')
+  return jnp.dtype(name)
+
+
 class CODIS(nn.Module):
   config: ml_collections.FrozenConfigDict  # the `model` part of the config
   train: bool = False  # dropout on (student) or off (teacher, evaluation)
@@ -54,20 +67,21 @@ class CODIS(nn.Module):
       raise ValueError(f'config.model.attention_impl={c.attention_impl!r}: choose \'\' '
                        "(XLA picks), 'xla', 'cudnn' (GPU) or 'pallas' (TPU)")
     impl = c.attention_impl or None
+    grad_dtype = weight_grad_dtype(c)
     self.visual_encoder = vit.ViT(
         c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp_dim, c.vit_ln_eps,
-        dtype, c.remat, impl, c.get('pad_image_tokens', 0))
+        dtype, c.remat, impl, c.get('pad_image_tokens', 0), grad_dtype)
     text_common = dict(num_heads=c.text_heads, mlp_dim=c.text_mlp_dim, eps=c.text_ln_eps,
                        dropout=c.dropout, deterministic=not self.train, dtype=dtype,
                        remat=c.remat, attention_impl=impl,
-                       pad_tokens_to=c.get('pad_text_tokens', 0))
+                       pad_tokens_to=c.get('pad_text_tokens', 0), grad_dtype=grad_dtype)
     self.embeddings = bert.BertEmbeddings(
         c.vocab_size, c.text_width, c.max_positions, c.type_vocab_size, c.text_ln_eps,
         c.dropout, not self.train, dtype)
     self.text_layers = bert.BertStack(c.text_layers, 0, **text_common)
     self.fusion_layers = bert.BertStack(c.fusion_layers, c.text_layers, cross=True,
                                         **text_common)
-    self.mlm_head = bert.MlmHead(c.vocab_size, c.text_ln_eps, dtype)
+    self.mlm_head = bert.MlmHead(c.vocab_size, c.text_ln_eps, dtype, grad_dtype)
     proj = lambda name: layers.dense(c.embed_dim, 'embed', ('proj',), dtype=jnp.float32,
                                      init=nn.initializers.normal(0.02), name=name)
     self.vision_proj = proj('vision_proj')

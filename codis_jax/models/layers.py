@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codis_jax.models import param_ops
 from codis_jax.models import tpu_attention
 
 Dtype = Any
@@ -43,60 +44,6 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-# Parameters that enter the compute dtype by broadcast or gather. Autodiff of
-# `x + p.astype(bf16)` sums p's gradient over the batch in bf16, where a running sum of
-# B*T terms (16,448 per ViT bias at the paper's batch) stops growing once it is 256 times
-# its addends. These two sum in float32 and round once to p's dtype, as a bf16 matmul
-# rounds its weight gradient. p comes in the compute dtype (cast by the caller, or read
-# from the weight copy), so the step computes the same with and without the copy.
-
-@jax.custom_vjp
-def add_param(x, p):
-  """x [*lead, *P] + p [*P] (same dtype) -> [*lead, *P]; p's gradient sums `lead` in
-  float32."""
-  if x.shape[x.ndim - p.ndim:] != p.shape or x.dtype != p.dtype:
-    raise ValueError(f'add_param: {p.dtype}{list(p.shape)} is not the trailing shape and '
-                     f'dtype of {x.dtype}{list(x.shape)}')
-  return x + p
-
-
-def _add_param_fwd(x, p):
-  return add_param(x, p), jnp.zeros((0,) + p.shape, p.dtype)  # p's type, no bytes
-
-
-def _add_param_bwd(like, g):
-  return g, _sum_to_param(g, like.ndim - 1, like.dtype)
-
-
-def _sum_to_param(g, ndim, dtype):
-  """g [*lead, *P] (P: the last ndim dims) -> [*P], summed over lead in float32 and
-  rounded once to dtype."""
-  return jnp.sum(g, tuple(range(g.ndim - ndim)), dtype=jnp.float32).astype(dtype)
-
-
-add_param.defvjp(_add_param_fwd, _add_param_bwd)
-
-
-@jax.custom_vjp
-def take_param(table, ids):
-  """Rows of table [V, *E] at ids int [*I] -> [*I, *E]; the table's gradient is
-  scatter-added in float32 (a frequent token's row sums thousands of cotangents)."""
-  return jnp.take(table, ids, axis=0)
-
-
-def _take_param_fwd(table, ids):
-  return take_param(table, ids), (jnp.zeros((0,) + table.shape, table.dtype), ids)
-
-
-def _take_param_bwd(residuals, g):
-  like, ids = residuals
-  rows = jnp.zeros(like.shape[1:], jnp.float32).at[ids].add(g.astype(jnp.float32))
-  return rows.astype(like.dtype), None
-
-
-take_param.defvjp(_take_param_fwd, _take_param_bwd)
-
-
 def logical_init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
@@ -114,7 +61,8 @@ class Dense(nn.Module):
   kernel: in_dims + features, named `in_axes + out_axes`; bias: features, named
   `out_axes`. (flax's DenseGeneral builds its kernel flat and reshapes it, which clashes
   with logical constraints on the multi-dim kernel, hence this small module.) Params are
-  float32; the matmul runs in `dtype`. `flat`: multiply as one 2-D matmul over the
+  float32; the matmul runs in `dtype`, and the kernel's gradient leaves it in `grad_dtype`
+  (None: `dtype`; see `param_ops.dot_param`). `flat`: multiply as one 2-D matmul over the
   flattened dims, same params and values (see `Attention`).
   """
   features: tuple[int, ...]
@@ -123,6 +71,7 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
   flat: bool = False
+  grad_dtype: Dtype | None = None
 
   @nn.compact
   def weights(self, in_dims):
@@ -137,16 +86,18 @@ class Dense(nn.Module):
     n_in = len(self.in_axes)
     in_dims = x.shape[x.ndim - n_in:]
     kernel, bias = (w.astype(self.dtype) for w in self.weights(in_dims))
+    x = x.astype(self.dtype)
     if self.flat:
       lead = x.shape[:x.ndim - n_in]
-      y = x.reshape(lead + (-1,)).astype(self.dtype) @ kernel.reshape(np.prod(in_dims), -1)
-      return add_param(y, bias.reshape(-1)).reshape(lead + self.features)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
-    return add_param(y, bias)
+      y = param_ops.dot_param(x.reshape(lead + (-1,)), kernel.reshape(np.prod(in_dims), -1),
+                              1, self.grad_dtype)
+      return param_ops.add_param(y, bias.reshape(-1)).reshape(lead + self.features)
+    y = param_ops.dot_param(x, kernel, n_in, self.grad_dtype)
+    return param_ops.add_param(y, bias)
 
 
-def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False):
+def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False,
+          grad_dtype=None):
   """A Dense whose kernel and bias carry logical axis names.
 
   `in_axis` names the contracted input dim(s) (a tuple when `axis` is a tuple);
@@ -157,7 +108,7 @@ def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False
   if len(in_axes) != n_in:
     raise ValueError(f'dense {name}: {len(in_axes)} input axis names for {n_in} dims')
   features = features if isinstance(features, tuple) else (features,)
-  return Dense(features, in_axes, tuple(out_axes), dtype, init, flat, name=name)
+  return Dense(features, in_axes, tuple(out_axes), dtype, init, flat, grad_dtype, name=name)
 
 
 def layer_norm(eps, dtype, name):
@@ -261,7 +212,7 @@ def fused_projection(x, denses):
   ws = [d.weights(x.shape[-1:]) for d in denses]
   dtype = denses[0].dtype
   kernel = jnp.stack([w for w, _ in ws], 1).astype(dtype)  # [C, n, H, D]
-  y = jnp.einsum('btc,cnhd->btnhd', x.astype(dtype), kernel)
+  y = param_ops.dot_param(x.astype(dtype), kernel, 1, denses[0].grad_dtype)  # [B, T, n, H, D]
   return _split_add_bias(y, jnp.stack([b for _, b in ws]).astype(dtype))
 
 
@@ -271,7 +222,7 @@ def _split_add_bias(y, bias):
   bias[i].
 
   The backward stacks the n cotangents once and reduces the bias gradient from that stack
-  (in float32, rounded once, as `add_param`). Autodiff of the n slices and adds reduced
+  (in float32, rounded once, as `param_ops.add_param`). Autodiff of the n slices and adds reduced
   each cotangent alone and padded and summed them into the stack: 96 more launches on the
   H200 roofline (36.71 -> 36.52 ms).
   """
@@ -284,7 +235,7 @@ def _split_add_bias_fwd(y, bias):
 
 def _split_add_bias_bwd(_, gs):
   dy = jnp.stack(gs, 2)
-  return dy, _sum_to_param(dy, 3, dy.dtype)
+  return dy, param_ops.sum_to_param(dy, 3, dy.dtype)
 
 
 _split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)
@@ -306,6 +257,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
   implementation: str | None = None
+  grad_dtype: Dtype | None = None  # the kernels' gradients (Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, q_in, kv_in, mask=None, kv_index=None, kv_length=None):
@@ -319,7 +271,7 @@ class Attention(nn.Module):
     # reshape it writes row-major directly.
     flat = self.implementation == 'pallas'
     proj = functools.partial(dense, head, 'embed', ('heads', 'kv'), dtype=self.dtype,
-                             init=self.kernel_init, flat=flat)
+                             init=self.kernel_init, flat=flat, grad_dtype=self.grad_dtype)
     if self.implementation != 'cudnn':
       # 'pallas' keeps its 2-D projections (above). With XLA's attention fusing did not
       # pay: the same H200 roofline (54.63 -> 54.57 ms), and 10% more HBM traffic on a
@@ -335,7 +287,7 @@ class Attention(nn.Module):
     q, k, v = (constrain(t, QKV_AXES) for t in (q, k, v))
     out = attention(q, k, v, mask, self.implementation or None, kv_length, kv_index)
     out = dense(width, ('heads', 'kv'), ('embed',), dtype=self.dtype, init=self.kernel_init,
-                name='out', axis=(-2, -1), flat=flat)(out)
+                name='out', axis=(-2, -1), flat=flat, grad_dtype=self.grad_dtype)(out)
     return constrain(out, ('act_batch', 'act_len', 'act_embed'))
 
 
@@ -344,14 +296,15 @@ class Mlp(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
+  grad_dtype: Dtype | None = None  # the kernels' gradients (Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, x):
     h = dense(self.hidden, 'embed', ('mlp',), dtype=self.dtype, init=self.kernel_init,
-              name='fc1')(x)
+              name='fc1', grad_dtype=self.grad_dtype)(x)
     h = constrain(gelu(h), ('act_batch', 'act_len', 'act_mlp'))
     return dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=self.kernel_init,
-                 name='fc2')(h)
+                 name='fc2', grad_dtype=self.grad_dtype)(h)
 
 
 def remat_policy(name: str):
@@ -359,7 +312,11 @@ def remat_policy(name: str):
   policies = {
       'none': (False, None),
       'full': (True, None),  # save nothing inside a layer
-      'dots': (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+      # The Dense matmuls sit inside `param_ops.dot_param`'s custom VJP, where this policy
+      # cannot see them: their outputs are saved by name.
+      'dots': (True, jax.checkpoint_policies.save_from_both_policies(
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          jax.checkpoint_policies.save_only_these_names(param_ops.DOT_NAME))),
   }
   if name not in policies:
     raise ValueError(f'config.model.remat={name!r}: choose from {sorted(policies)}')

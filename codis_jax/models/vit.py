@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codis_jax.models import layers
+from codis_jax.models import param_ops
 
 _INIT = nn.initializers.truncated_normal(0.02)
 # CLIP's per-channel RGB mean and std on [0, 1] pixels, as ALBEF normalises.
@@ -31,10 +32,11 @@ def normalize_pixels(images):
 
 class PatchEmbed(nn.Module):
   """images [B, H, W, 3] -> [B, H/p, W/p, D]: timm's stride-p convolution (flax's
-  nn.Conv parameters: kernel [p, p, 3, D], bias [D]), its bias through `add_param`."""
+  nn.Conv parameters: kernel [p, p, 3, D], bias [D]) through `param_ops.patch_conv`."""
   patch_size: int
   width: int
   dtype: Any = jnp.float32
+  grad_dtype: Any = None  # the kernel's gradient (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, images):
@@ -43,10 +45,9 @@ class PatchEmbed(nn.Module):
                         (p, p, images.shape[-1], self.width), jnp.float32)
     bias = self.param('bias', layers.logical_init(nn.initializers.zeros, ('embed',)),
                       (self.width,), jnp.float32)
-    x = jax.lax.conv_general_dilated(
-        normalize_pixels(images).astype(self.dtype), kernel.astype(self.dtype), (p, p),
-        'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return layers.add_param(x, bias.astype(self.dtype))
+    x = param_ops.patch_conv(normalize_pixels(images).astype(self.dtype),
+                             kernel.astype(self.dtype), self.grad_dtype)
+    return param_ops.add_param(x, bias.astype(self.dtype))
 
 
 class ViTBlock(nn.Module):
@@ -57,14 +58,15 @@ class ViTBlock(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   num_tokens: int | None = None  # tokens after it are padding (None: none)
+  grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, x):
     h = layers.layer_norm(self.eps, self.dtype, 'norm1')(x)
     x = x + layers.Attention(self.num_heads, self.dtype, _INIT, self.attention_impl,
-                             name='attn')(h, h, kv_length=self.num_tokens)
+                             self.grad_dtype, name='attn')(h, h, kv_length=self.num_tokens)
     h = layers.layer_norm(self.eps, self.dtype, 'norm2')(x)
-    x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, name='mlp')(h)
+    x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, self.grad_dtype, name='mlp')(h)
     return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
 
 
@@ -87,13 +89,14 @@ class ViT(nn.Module):
   remat: str = 'none'
   attention_impl: str | None = None
   pad_tokens_to: int = 0
+  grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'image size {images.shape[1:3]} is not a multiple of patch {p}')
-    x = PatchEmbed(p, self.width, self.dtype, name='patch_embed')(images)
+    x = PatchEmbed(p, self.width, self.dtype, self.grad_dtype, name='patch_embed')(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     cls = self.param('cls_token', layers.logical_init(_INIT, (None, None, 'embed')),
@@ -101,9 +104,9 @@ class ViT(nn.Module):
     pos = self.param('pos_embed', layers.logical_init(_INIT, (None, None, 'embed')),
                      (1, 1 + gh * gw, d), jnp.float32)
     # The [CLS] row broadcast over the batch, its gradient summed in float32.
-    cls = layers.add_param(jnp.zeros((b, 1, d), x.dtype), cls.astype(x.dtype)[0])
+    cls = param_ops.add_param(jnp.zeros((b, 1, d), x.dtype), cls.astype(x.dtype)[0])
     x = jnp.concatenate([cls, x], axis=1)
-    x = layers.add_param(x, pos.astype(x.dtype)[0])
+    x = param_ops.add_param(x, pos.astype(x.dtype)[0])
     x = layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
     n = x.shape[1]
     extra = layers.padding_to(n, self.pad_tokens_to)
@@ -111,7 +114,7 @@ class ViT(nn.Module):
     block = layers.maybe_remat(ViTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.eps, self.dtype, self.attention_impl,
-                n if extra else None, name=f'blocks_{i}')(x)
+                n if extra else None, self.grad_dtype, name=f'blocks_{i}')(x)
     return layers.layer_norm(self.eps, self.dtype, 'norm')(x[:, :n])
 
 

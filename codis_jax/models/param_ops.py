@@ -1,0 +1,179 @@
+"""How parameters enter compute, with their gradients summed in float32.
+
+Under bf16 compute a parameter's gradient is a sum over the batch, and autodiff forms it in
+bf16 in three places:
+- `x + p.astype(bf16)`: a bf16 `reduce_sum` (a running bf16 sum of B*T terms, 16,448 per
+  ViT bias at the paper's batch, stops growing once it is 256 times its addends);
+- a gather of table rows: a bf16 `scatter-add`;
+- a bf16 matmul `x . w`: the weight-gradient matmul sums in float32 inside but writes bf16,
+  and XLA reduces a data-parallel gradient across devices where that matmul leaves it (an
+  all-reduce or reduce-scatter), so the cross-device sum is bf16.
+Here each sum runs in float32 (for a matmul: in `grad_dtype`, float32 unless the config asks
+for bf16) and is rounded once to the parameter's compute dtype, as one device's bf16 matmul
+rounds its weight gradient. Forward values are unchanged. The parameter comes in already in
+the compute dtype (cast by the caller, or read from the weight copy), so the step computes
+the same with and without `model.weight_copy`.
+"""
+
+import functools
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+# The name `dot_param`'s outputs carry for remat policies: a custom VJP hides its matmul
+# from `dots_with_no_batch_dims_saveable`, so `layers.remat_policy('dots')` saves this name.
+DOT_NAME = 'param_dot'
+
+
+@jax.custom_vjp
+def add_param(x, p):
+  """x [*lead, *P] + p [*P] (same dtype) -> [*lead, *P]; p's gradient sums `lead` in
+  float32."""
+  if x.shape[x.ndim - p.ndim:] != p.shape or x.dtype != p.dtype:
+    raise ValueError(f'add_param: {p.dtype}{list(p.shape)} is not the trailing shape and '
+                     f'dtype of {x.dtype}{list(x.shape)}')
+  return x + p
+
+
+def _add_param_fwd(x, p):
+  return add_param(x, p), jnp.zeros((0,) + p.shape, p.dtype)  # p's type, no bytes
+
+
+def _add_param_bwd(like, g):
+  return g, sum_to_param(g, like.ndim - 1, like.dtype)
+
+
+def sum_to_param(g, ndim, dtype):
+  """g [*lead, *P] (P: the last ndim dims) -> [*P], summed over lead in float32 and
+  rounded once to dtype."""
+  return jnp.sum(g, tuple(range(g.ndim - ndim)), dtype=jnp.float32).astype(dtype)
+
+
+add_param.defvjp(_add_param_fwd, _add_param_bwd)
+
+
+@jax.custom_vjp
+def take_param(table, ids):
+  """Rows of table [V, *E] at ids int [*I] -> [*I, *E]; the table's gradient is
+  scatter-added in float32 (a frequent token's row sums thousands of cotangents)."""
+  return jnp.take(table, ids, axis=0)
+
+
+def _take_param_fwd(table, ids):
+  return take_param(table, ids), (jnp.zeros((0,) + table.shape, table.dtype), ids)
+
+
+def _take_param_bwd(residuals, g):
+  like, ids = residuals
+  rows = jnp.zeros(like.shape[1:], jnp.float32).at[ids].add(g.astype(jnp.float32))
+  return rows.astype(like.dtype), None
+
+
+take_param.defvjp(_take_param_fwd, _take_param_bwd)
+
+
+def dot_param(x, w, n_in: int, grad_dtype=None):
+  """x [*L, *K] . w [*K, *F] -> [*L, *F]: K is the last n_in dims of x and the first n_in of
+  w; x and w share a dtype, the result's. w's gradient leaves its matmul in `grad_dtype`
+  (None: w's dtype, as autodiff) and is rounded to w's dtype after that: with float32, XLA's
+  data-parallel sum of it across devices (placed where the matmul leaves it) runs in
+  float32, as PyTorch's DDP sums autocast's float32 gradients. x's gradient is autodiff's.
+  """
+  if x.dtype != w.dtype or x.shape[x.ndim - n_in:] != w.shape[:n_in]:
+    raise ValueError(f'dot_param: cannot contract the last {n_in} dims of '
+                     f'{x.dtype}{list(x.shape)} with the first of {w.dtype}{list(w.shape)}')
+  grad_dtype = jnp.dtype(grad_dtype or w.dtype)
+  return checkpoint_name(_dot_param(x, w, n_in, grad_dtype), DOT_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dot_param(x, w, n_in, grad_dtype):
+  del grad_dtype
+  return jax.lax.dot_general(x, w, _contract_k(x.ndim, n_in))
+
+
+def _contract_k(x_ndim, n_in):
+  """dot_general dims contracting x's last n_in dims with w's first n_in."""
+  return (tuple(range(x_ndim - n_in, x_ndim)), tuple(range(n_in))), ((), ())
+
+
+def _residuals(a, b):
+  """(a's value where b's gradient needs it, b's where a's does): None for a gradient
+  nobody asks for (symbolic zeros), so neither its matmul nor its residual exists."""
+  return (a.value if b.perturbed else None), (b.value if a.perturbed else None)
+
+
+def _dot_param_fwd(x, w, n_in, grad_dtype):
+  return _dot_param(x.value, w.value, n_in, grad_dtype), _residuals(x, w)
+
+
+def _dot_param_bwd(n_in, grad_dtype, residuals, g):
+  x, w = residuals  # x: for w's gradient; w: for x's
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  lead = x.ndim - n_in if x is not None else g.ndim - (w.ndim - n_in)  # L's rank
+  # dx [*L, *K] = g [*L, *F] . w [*K, *F] over F; dw [*K, *F] = x [*L, *K] . g over L.
+  dx = None if w is None else jax.lax.dot_general(
+      g, w, ((tuple(range(lead, g.ndim)), tuple(range(n_in, w.ndim))), ((), ())))
+  dw = None if x is None else jax.lax.dot_general(
+      x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
+      preferred_element_type=grad_dtype).astype(x.dtype)
+  return dx, dw
+
+
+_dot_param.defvjp(_dot_param_fwd, _dot_param_bwd, symbolic_zeros=True)
+
+
+def patch_conv(images, kernel, grad_dtype=None):
+  """images [B, H, W, C] * kernel [p, p, C, D] (same dtype) -> [B, H/p, W/p, D]: the
+  stride-p convolution of a ViT's patch embedding, with the kernel's gradient as
+  `dot_param`'s. The forward stays a convolution: written as a matmul over
+  [B, H/p, W/p, p, p, C] patches, XLA:GPU laid out the whole vision stream differently
+  (H200 roofline of the paper step +2.4 ms); only the backward's kernel gradient is that
+  matmul."""
+  p = kernel.shape[0]
+  if (images.dtype != kernel.dtype or images.shape[-1] != kernel.shape[2]
+      or kernel.shape[1] != p or images.shape[1] % p or images.shape[2] % p):
+    raise ValueError(f'patch_conv: {images.dtype}{list(images.shape)} does not match the '
+                     f'kernel {kernel.dtype}{list(kernel.shape)}')
+  grad_dtype = jnp.dtype(grad_dtype or kernel.dtype)
+  return _patch_conv(images, kernel, grad_dtype)
+
+
+def _conv(images, kernel):
+  p = kernel.shape[0]
+  return jax.lax.conv_general_dilated(images, kernel, (p, p), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _patch_conv(images, kernel, grad_dtype):
+  del grad_dtype
+  return _conv(images, kernel)
+
+
+def _patch_conv_fwd(images, kernel, grad_dtype):
+  return _patch_conv(images.value, kernel.value, grad_dtype), _residuals(images, kernel)
+
+
+def _patch_conv_bwd(grad_dtype, residuals, g):
+  images, kernel = residuals  # images: for the kernel's gradient; kernel: for theirs
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  d_images = d_kernel = None
+  if kernel is not None:  # the images' gradient: the convolution's transpose
+    p = kernel.shape[0]
+    shape = (g.shape[0], g.shape[1] * p, g.shape[2] * p, kernel.shape[2])
+    (d_images,) = jax.linear_transpose(lambda x: _conv(x, kernel),
+                                       jax.ShapeDtypeStruct(shape, g.dtype))(g)
+  if images is not None:
+    b, h, w, c = images.shape
+    p = h // g.shape[1]
+    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    d_kernel = jax.lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                                   preferred_element_type=grad_dtype).astype(images.dtype)
+  return d_images, d_kernel
+
+
+_patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd, symbolic_zeros=True)
