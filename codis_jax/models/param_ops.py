@@ -83,7 +83,7 @@ def dot_param(x, w, n_in: int, grad_dtype=None):
   if x.dtype != w.dtype or x.shape[x.ndim - n_in:] != w.shape[:n_in]:
     raise ValueError(f'dot_param: cannot contract the last {n_in} dims of '
                      f'{x.dtype}{list(x.shape)} with the first of {w.dtype}{list(w.shape)}')
-  grad_dtype = jnp.dtype(grad_dtype or w.dtype)
+  grad_dtype = jnp.dtype(w.dtype if grad_dtype is None else grad_dtype)
   return checkpoint_name(_dot_param(x, w, n_in, grad_dtype), DOT_NAME)
 
 
@@ -137,7 +137,7 @@ def patch_conv(images, kernel, grad_dtype=None):
       or kernel.shape[1] != p or images.shape[1] % p or images.shape[2] % p):
     raise ValueError(f'patch_conv: {images.dtype}{list(images.shape)} does not match the '
                      f'kernel {kernel.dtype}{list(kernel.shape)}')
-  grad_dtype = jnp.dtype(grad_dtype or kernel.dtype)
+  grad_dtype = jnp.dtype(kernel.dtype if grad_dtype is None else grad_dtype)
   return _patch_conv(images, kernel, grad_dtype)
 
 
