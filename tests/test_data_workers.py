@@ -157,7 +157,9 @@ def test_text_encoder_pickles_to_the_same_tokenisation():
 
 def test_data_bench_counts_the_workers_cpu():
   from codis_jax.data import bench
-  r = bench.run('synthetic', image_size=32, batch_size=8, batches=4, warmup=1, workers=2)
+  # 40 batches: the workers' CPU is read in 10 ms clock ticks, and a few batches can be
+  # decoded ahead, before the timed window (CI once measured no worker CPU over 4 batches).
+  r = bench.run('synthetic', image_size=32, batch_size=8, batches=40, warmup=1, workers=2)
   assert r['workers'] == 2 and r['images_per_s'] > 0
   # The decode work happens in the workers: total CPU per image well above the parent's.
   assert 1e3 / r['images_per_cpu_s'] > 2 * r['parent_cpu_ms_per_image']
