@@ -222,9 +222,9 @@ def _split_add_bias(y, bias):
   bias[i].
 
   The backward stacks the n cotangents once and reduces the bias gradient from that stack
-  (in float32, rounded once, as `param_ops.add_param`). Autodiff of the n slices and adds reduced
-  each cotangent alone and padded and summed them into the stack: 96 more launches on the
-  H200 roofline (36.71 -> 36.52 ms).
+  (in float32, rounded once, as `param_ops.add_param`). Autodiff of the n slices and adds
+  reduced each cotangent alone and padded and summed them into the stack: 96 more launches
+  on the H200 roofline (36.71 -> 36.52 ms).
   """
   return tuple(y[:, :, i] + bias[i] for i in range(y.shape[2]))
 

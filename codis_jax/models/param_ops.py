@@ -130,8 +130,8 @@ def patch_conv(images, kernel, grad_dtype=None):
   stride-p convolution of a ViT's patch embedding, with the kernel's gradient as
   `dot_param`'s. The forward stays a convolution: written as a matmul over
   [B, H/p, W/p, p, p, C] patches, XLA:GPU laid out the whole vision stream differently
-  (H200 roofline of the paper step +2.4 ms); only the backward's kernel gradient is that
-  matmul."""
+  (H200 roofline of the `gpu` variant 39.07 against 36.36 ms); only the backward's kernel
+  gradient is that matmul."""
   p = kernel.shape[0]
   if (images.dtype != kernel.dtype or images.shape[-1] != kernel.shape[2]
       or kernel.shape[1] != p or images.shape[1] % p or images.shape[2] % p):
