@@ -329,19 +329,58 @@ def mlm_loss(logits, teacher_logits, targets, weights, alpha) -> jax.Array:
   if teacher_logits is not None and teacher_logits.shape != logits.shape:
     raise ValueError(
         f"mlm_loss: teacher_logits {teacher_logits.shape} != logits {logits.shape}")
-  logp = jax.nn.log_softmax(logits.astype(_f32), axis=-1)
   w = weights.astype(_f32)
   sel = w > 0
   denom = jnp.maximum(jnp.sum(w), 1.0)
   # Clip so ignore-style labels (e.g. -100) on unselected tokens gather safely; `where`
   # keeps anything non-finite on unselected positions out of the sum.
   tgt = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
-  ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-  loss = jnp.sum(jnp.where(sel, ce * w, 0.0)) / denom
+  alpha = jnp.asarray(0.0 if teacher_logits is None else alpha, _f32)
+  ce = _token_ce(logits, teacher_logits, tgt, alpha)
+  return jnp.sum(jnp.where(sel, ce * w, 0.0)) / denom
+
+
+@jax.custom_vjp
+def _token_ce(logits, teacher_logits, targets, alpha):
+  """Per token (1 - alpha) * -log p[target] + alpha * -sum(p_t * log p), p = softmax(logits),
+  p_t = softmax(teacher_logits) (None: alpha must be 0). logits, teacher_logits [B, L, V];
+  targets int [B, L]; alpha scalar -> float32 [B, L].
+
+  A custom VJP so that the logits' gradient, g * ((1 - alpha) * (p - onehot) +
+  alpha * (p * sum(p_t) - p_t)), is one elementwise pass over the [B, L, V] logits:
+  autodiff of log_softmax and take_along_axis scattered the target terms into a float32
+  [B, L, V] array and reduced it again (paper step, H100 roofline: 2.04 GB moved).
+  """
+  return _token_ce_fwd(logits, teacher_logits, targets, alpha)[0]
+
+
+def _token_ce_fwd(logits, teacher_logits, targets, alpha):
+  x = logits.astype(_f32)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  ce = lse - jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
   if teacher_logits is None:
-    return loss
-  p_t = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(_f32), axis=-1)
-  kd = -jnp.sum(p_t * logp, axis=-1)
-  kd = jnp.sum(jnp.where(sel, kd * w, 0.0)) / denom
-  alpha = jnp.asarray(alpha, _f32)
-  return (1.0 - alpha) * loss + alpha * kd
+    return ce, (logits, None, targets, alpha, lse, None, None)
+  xt = teacher_logits.astype(_f32)
+  lse_t = jax.nn.logsumexp(xt, axis=-1)
+  p_t = jnp.exp(xt - lse_t[..., None])
+  # -sum(p_t * (x - lse)) with sum(p_t) kept (not assumed 1): the plain formula's value.
+  mass = jnp.sum(p_t, axis=-1)
+  kd = lse * mass - jnp.sum(p_t * x, axis=-1)
+  return (1.0 - alpha) * ce + alpha * kd, (logits, teacher_logits, targets, alpha, lse,
+                                            lse_t, mass)
+
+
+def _token_ce_bwd(res, g):
+  logits, teacher_logits, targets, alpha, lse, lse_t, mass = res
+  x = logits.astype(_f32)
+  p = jnp.exp(x - lse[..., None])
+  onehot = jnp.arange(x.shape[-1]) == targets[..., None]
+  d = (1.0 - alpha) * (p - onehot)
+  if teacher_logits is not None:
+    p_t = jnp.exp(teacher_logits.astype(_f32) - lse_t[..., None])
+    d = d + alpha * (p * mass[..., None] - p_t)
+  # The teacher is a fixed target (no gradient), as stop_gradient made it before.
+  return (g[..., None] * d).astype(logits.dtype), None, None, None
+
+
+_token_ce.defvjp(_token_ce_fwd, _token_ce_bwd)

@@ -56,8 +56,7 @@ def _inputs(config, model, params, batch):
       mask4=jnp.ones((4 * b, config.text_len), jnp.int32),
       image4=rand((4 * b,) + tok_shape.shape[1:]),
       # share_image_kv: an example's 4 fusion rows see its own image but the third.
-      index4=train.group_index(b, *[jnp.arange(b)] * 2, jnp.roll(jnp.arange(b), 1),
-                               jnp.arange(b)),
+      index4=(None, None, train.group_index(b, jnp.roll(jnp.arange(b), 1)), None),
       text1=rand((b, config.text_len, config.model.text_width)),
       mask1=jnp.asarray(batch['text_mask']), image1=rand(tok_shape.shape))
 

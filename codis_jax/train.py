@@ -137,11 +137,10 @@ def make_train_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     fusion_text = (interleave(text_tokens, neg_text_tokens, text_tokens, masked_tokens),
                    interleave(mask, neg_mask, mask, mask))
     if mc.share_image_kv:
-      # Each image's cross-attention keys/values are projected once and gathered for its
-      # rows (3 of the 4 rows of an example see its own image): ~1/9 of the paper step's
-      # FLOPs. Indices are within each ITM group, as take_in_groups'.
-      own = jnp.arange(ids.shape[0])
-      index = group_index(group, own, own, neg_img, own)
+      # Each image's cross-attention keys/values are projected once (~1/9 of the paper
+      # step's FLOPs): 3 of an example's 4 rows read its own image's (None), the third
+      # its negative image's, indexed within each ITM group as take_in_groups'.
+      index = (None, None, group_index(group, neg_img), None)
       fused = apply(codis.CODIS.fuse, *fusion_text, image_tokens, index)
     else:
       neg_image_tokens = take_in_groups(image_tokens, neg_img, group)

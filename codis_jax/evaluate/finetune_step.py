@@ -131,8 +131,7 @@ def make_finetune_step(config, tx, steps_per_epoch: int, lr_schedule=None):
     text = (train_lib.interleave(text_tokens, text_tokens, take(text_tokens, neg_txt)),
             train_lib.interleave(mask, mask, take(mask, neg_txt)))
     if mc.share_image_kv:  # two of the three rows see the example's own image
-      own = jnp.arange(ids.shape[0])
-      index = train_lib.group_index(group, own, neg_img, own)
+      index = (None, train_lib.group_index(group, neg_img), None)
       fused = apply(codis.CODIS.fuse, *text, image_tokens, index)
     else:
       fused = apply(codis.CODIS.fuse, *text, train_lib.interleave(

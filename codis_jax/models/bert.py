@@ -67,7 +67,8 @@ class BertLayer(nn.Module):
   """One BERT layer; with `cross=True` a fusion layer (cross-attention after self-attention).
 
   x [B, L, D]; x_mask bool [B, 1, 1, L]; image [B, S, Dv] (fusion only), or [N, S, Dv]
-  with image_index int [G, B/G] picking each text row's image (`layers.take_rows`).
+  with image_index picking each text row's image: int [G, B/G] (`layers.take_rows`) or a
+  tuple of slots (`layers.slot_attention`).
   -> [B, L, D].
   """
   num_heads: int

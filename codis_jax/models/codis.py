@@ -105,9 +105,9 @@ class CODIS(nn.Module):
 
   def fuse(self, text_tokens, text_mask, image_tokens, image_index=None):
     """text [B, L, Dt], mask [B, L], image_tokens [B, S, Dv] -> [B, L, Dt]. Or image_tokens
-    [N, S, Dv] with image_index int [G, B/G] naming each text row's image (`take_rows`):
-    each image's cross-attention keys/values are then computed once, however many text
-    rows attend to it."""
+    [N, S, Dv] with image_index naming each text row's image, int [G, B/G] (`take_rows`)
+    or a tuple of slots (`layers.slot_attention`): each image's cross-attention
+    keys/values are then computed once, however many text rows attend to it."""
     return self.fusion_layers(text_tokens, text_mask, image_tokens.astype(text_tokens.dtype),
                               image_index)
 

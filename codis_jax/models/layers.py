@@ -133,12 +133,18 @@ def attention(q, k, v, mask, implementation, kv_length=None, kv_index=None):
   """softmax(q k^T / sqrt(D), masked) v through `jax.nn.dot_product_attention`.
 
   q: [B, T, H, D]; k, v: [B, S, H, D], or [N, S, H, D] with kv_index int [G, B/G]: query
-  row b attends to row b of `take_rows(k, kv_index)`; mask: bool broadcastable to
-  [B, H, T, S], or None; kv_length: only the first kv_length keys count (static; None = all).
+  row b attends to row b of `take_rows(k, kv_index)`, or with kv_index a tuple of slots
+  (`slot_attention`); mask: bool broadcastable to [B, H, T, S], or None; kv_length: only
+  the first kv_length keys count (static; None = all).
   Returns [B, T, H, D]. cuDNN goes through `even_length_attention` (a no-op padding at
   even lengths), so that it has one way of masking; 'pallas' is the TPU kernel of
   `tpu_attention`, which reads indexed keys and values in place instead of gathering them.
   """
+  if isinstance(kv_index, tuple):
+    if mask is None and implementation != 'pallas':
+      return slot_attention(q, k, v, kv_index, functools.partial(
+          attention, mask=None, implementation=implementation, kv_length=kv_length))
+    kv_index = flat_index(kv_index)
   if kv_index is not None and not (implementation == 'pallas'
                                    and tpu_attention.reads_in_place(kv_index)):
     # Gathered per query row, and sharded as the query rows are.
@@ -199,6 +205,50 @@ def take_rows(x, index):
   return jnp.take_along_axis(xg, idx, axis=1).reshape((-1,) + x.shape[1:])
 
 
+def flat_index(slots):
+  """A tuple of slots (`slot_attention`) -> the same rows as a `take_rows` index int
+  [G, k*B/G]."""
+  given = [s for s in slots if s is not None]
+  if not given:
+    raise ValueError('flat_index: every slot is None; the rows are the kv rows themselves')
+  g, per = given[0].shape
+  own = jnp.broadcast_to(jnp.arange(per, dtype=given[0].dtype), (g, per))
+  return jnp.stack([own if s is None else s for s in slots], -1).reshape(g, -1)
+
+
+def slot_attention(q, k, v, slots, attend):
+  """Attention of query rows that come k per example, interleaved, over one key/value row
+  per example. q: [k*B, T, H, D] (row b*k + j is slot j of example b); k, v: [B, S, H, D];
+  slots: k entries, None where slot j reads its own example's row b, else an int
+  [G, B/G] `take_rows` index of the row it reads; attend(q, k, v) -> q's shape, the
+  attention with one key/value row per query row. Returns [k*B, T, H, D].
+
+  The own slots' queries are joined along T ([B, n*T, H, D]: a query's softmax runs over
+  keys alone, so rows that read the same keys can share a call), and each other slot
+  gathers B rows. Gathering k*B rows instead wrote k copies of every image's keys and
+  values per layer (the paper step's fusion: 256 x 258 x 768 each) and scatter-added
+  their gradients back.
+  """
+  n, b = len(slots), k.shape[0]
+  if q.shape[0] != n * b:
+    raise ValueError(f'slot_attention: {q.shape[0]} query rows are not {n} slots x {b} '
+                     'key/value rows')
+  qs = q.reshape((b, n) + q.shape[1:])
+  t = q.shape[1]
+  outs = [None] * n
+  own = [j for j, s in enumerate(slots) if s is None]
+  if own:
+    q_own = constrain(qs[:, own].reshape((b, len(own) * t) + q.shape[2:]), QKV_AXES)
+    o = attend(q_own, k, v).reshape((b, len(own), t) + q.shape[2:])
+    for i, j in enumerate(own):
+      outs[j] = o[:, i]
+  for j, s in enumerate(slots):
+    if s is not None:
+      kj, vj = (constrain(take_rows(x, s), QKV_AXES) for x in (k, v))
+      outs[j] = attend(qs[:, j], kj, vj)
+  return jnp.stack(outs, 1).reshape(q.shape)
+
+
 def fused_projection(x, denses):
   """Dense layers [C] -> [H, D] of one input as ONE matmul: x [B, T, C] -> a tuple of
   [B, T, H, D], one per Dense, with each Dense's own parameters (so checkpoints and the
@@ -245,11 +295,11 @@ class Attention(nn.Module):
   """Multi-head attention (self when `kv` is `q`, cross otherwise).
 
   q_in: [B, T, Dq]; kv_in: [B, S, Dkv], or [N, S, Dkv] with `kv_index` int [G, B/G], where
-  query row b attends to row b of `take_rows(kv_in, kv_index)`; mask: bool broadcastable
-  to [B, H, T, S]; kv_length: only the first kv_length keys count (static; None = all).
-  Returns [B, T, Dq]. With `kv_index` the keys and values are projected once per kv_in
-  row and then gathered (or read in place by 'pallas'), so query rows that share an image
-  share that work. With 'cudnn' the projections of one input run as one matmul
+  query row b attends to row b of `take_rows(kv_in, kv_index)`, or a tuple of slots
+  (`slot_attention`); mask: bool broadcastable to [B, H, T, S]; kv_length: only the first
+  kv_length keys count (static; None = all). Returns [B, T, Dq]. With `kv_index` the keys
+  and values are projected once per kv_in row and then gathered, joined per slot (or read
+  in place by 'pallas'), so query rows that share an image share that work. With 'cudnn' the projections of one input run as one matmul
   (`fused_projection`: q, k and v when `kv_in is q_in`, else k and v). Softmax runs in
   float32 inside the attention kernels.
   """
