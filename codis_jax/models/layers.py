@@ -141,6 +141,8 @@ def attention(q, k, v, mask, implementation, kv_length=None, kv_index=None):
   `tpu_attention`, which reads indexed keys and values in place instead of gathering them.
   """
   if isinstance(kv_index, tuple):
+    # Slots join queries along T, which a per-row mask would not survive: with one (or
+    # for 'pallas', which reads rows in place) they become a per-row index.
     if mask is None and implementation != 'pallas':
       return slot_attention(q, k, v, kv_index, functools.partial(
           attention, mask=None, implementation=implementation, kv_length=kv_length))
@@ -299,9 +301,9 @@ class Attention(nn.Module):
   (`slot_attention`); mask: bool broadcastable to [B, H, T, S]; kv_length: only the first
   kv_length keys count (static; None = all). Returns [B, T, Dq]. With `kv_index` the keys
   and values are projected once per kv_in row and then gathered, joined per slot (or read
-  in place by 'pallas'), so query rows that share an image share that work. With 'cudnn' the projections of one input run as one matmul
-  (`fused_projection`: q, k and v when `kv_in is q_in`, else k and v). Softmax runs in
-  float32 inside the attention kernels.
+  in place by 'pallas'), so query rows that share an image share that work. With 'cudnn'
+  the projections of one input run as one matmul (`fused_projection`: q, k and v when
+  `kv_in is q_in`, else k and v). Softmax runs in float32 inside the attention kernels.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
