@@ -76,3 +76,25 @@ def test_bf16_cudnn_gradients_equal_xla(case):
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert np.isfinite(got).all()
     assert rel < 3e-2, f'{case} d{name}: relative error {rel:.3g} vs XLA (bf16: ~1e-2)'
+
+
+def test_bf16_cudnn_slot_gradients_equal_xla():
+  # The fusion's cross-attention with share_image_kv (layers.slot_attention): 4 rows per
+  # image, 3 joined along the query axis (75 queries, padded to 76), 1 gathered.
+  b, t, s, heads, d = 4, 25, 257, 12, 64
+  rs = np.random.RandomState(7)
+  q = jnp.asarray(rs.randn(4 * b, t, heads, d) * 2, jnp.bfloat16)
+  k, v = (jnp.asarray(rs.randn(b, s, heads, d) * 2, jnp.bfloat16) for _ in range(2))
+  slots = (None, None, jnp.asarray([[1, 0, 3, 1]], jnp.int32), None)
+  cot = jnp.asarray(rs.randn(4 * b, t, heads, d), jnp.float32)
+
+  def grads(impl):
+    loss = lambda *a: jnp.sum(layers.attention(*a, None, impl, kv_index=slots).astype(
+        jnp.float32) * cot)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for name, got, want in zip('qkv', grads('cudnn'), grads('xla')):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert np.isfinite(got).all()
+    assert rel < 3e-2, f'slots d{name}: relative error {rel:.3g} vs XLA (bf16: ~1e-2)'
