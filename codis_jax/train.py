@@ -216,10 +216,11 @@ def deinterleave(x, k: int):
   return [x[:, j] for j in range(k)]
 
 
-def group_index(group: int, *idx):
-  """`layers.take_rows` index for `interleave`d rows: k arrays [B] of row numbers of x (each
-  within its example's group of `group` consecutive rows) -> int [B/group, k*group]."""
-  return interleave(*(i % group for i in idx)).reshape(-1, len(idx) * group)
+def group_index(group: int, idx):
+  """`layers.take_rows` index: idx int [B] of row numbers of x, each within its example's
+  group of `group` consecutive rows -> int [B/group, group]. (Several rows per example:
+  a tuple of these, `layers.slot_attention`.)"""
+  return (idx % group).reshape(-1, group)
 
 
 def take_in_groups(x, idx, group: int):
