@@ -272,3 +272,49 @@ def test_the_step_takes_no_gradient_of_the_images():
   x, k = jnp.ones((1, 8, 8, 3)), jnp.ones((4, 4, 3, 2))
   both = jax.make_jaxpr(jax.grad(lambda x, k: param_ops.patch_conv(x, k).sum(), (0, 1)))(x, k)
   assert sorted(_conv_dilations(both.jaxpr)) == [(1, 1), (4, 4)]
+
+
+def _dots_2d_after_barrier(jaxpr):
+  """(plain dots, of which 2-D x 2-D fed by an optimization barrier) in jaxpr alone."""
+  barrier_outs, dots, fed = set(), 0, 0
+  reshaped = {}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'optimization_barrier':
+      barrier_outs.update(map(id, eqn.outvars))
+    if eqn.primitive.name == 'reshape' and id(eqn.invars[0]) in barrier_outs:
+      reshaped[id(eqn.outvars[0])] = True
+    if eqn.primitive.name == 'dot_general':
+      dots += 1
+      fed += all(v.aval.ndim == 2 and id(v) in reshaped for v in eqn.invars)
+  return dots, fed
+
+
+def test_dense_group_runs_a_matmul_per_layer_forward_and_one_of_each_backward():
+  """The forward's n matmuls stay apart (each 2-D, its operands behind their own barrier,
+  so XLA neither merges them nor needs a kernel to split a merged result); the backward
+  runs one input-gradient and one weight-gradient matmul for all n. Values and gradients
+  against numpy: `test_fused_projection_equals_separate_matmuls`."""
+  x = jnp.ones((2, 5, 12), jnp.bfloat16)
+  ks = [jnp.full((12, 3, 4), i, jnp.bfloat16) for i in range(3)]
+  bs = [jnp.full((3, 4), i, jnp.bfloat16) for i in range(3)]
+  group = lambda x, ks, bs: param_ops.dense_group(x, ks, bs, jnp.float32)
+  (call,) = [e for e in jax.make_jaxpr(group)(x, ks, bs).eqns
+             if e.primitive.name == 'custom_vjp_call']
+  assert _dots_2d_after_barrier(call.params['call_jaxpr'].jaxpr) == (3, 3)
+
+  loss = lambda *a: sum(jnp.sum(o.astype(jnp.float32)) for o in group(*a))
+  grad = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, ks, bs).jaxpr
+  backward = _count_dots(grad, {'batched': 0, 'plain': 0})['plain'] - 3
+  assert backward == 2
+  assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(
+      jax.grad(loss, argnums=(0, 1, 2))(x, ks, bs)))
+
+
+def test_dense_group_refuses_mismatched_operands():
+  x = jnp.ones((2, 5, 12), jnp.bfloat16)
+  k, b = jnp.ones((12, 3, 4), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16)
+  for ks, bs in (([k, k], [b]), ([k, k.astype(jnp.float32)], [b, b]),
+                 ([k, jnp.ones((11, 3, 4), jnp.bfloat16)], [b, b]),
+                 ([k, k], [b, jnp.ones((4, 3), jnp.bfloat16)])):
+    with pytest.raises(ValueError, match='dense_group'):
+      param_ops.dense_group(x, ks, bs)

@@ -98,6 +98,42 @@ def test_fusion_stack_on_padded_text_equals_unpadded(impl, request):
   _close(got[1], want[1], rtol=1e-4)
 
 
+
+@pytest.mark.parametrize('slots', [False, True])
+def test_cudnn_fusion_stack_pads_an_odd_image_once(slots, cudnn_via_xla, monkeypatch):
+  """With cuDNN's path the fusion stack pads an odd image (7 tokens) to 8 once, masked as
+  keys, so no layer's cross-attention pads its keys and values again; outputs and
+  gradients (parameters, text, image) equal XLA's unpadded stack."""
+  del cudnn_via_xla
+  rs = np.random.RandomState(4)
+  b, t, s, d = 4, 6, 7, 16
+  x = jnp.asarray(rs.randn(b, t, d).astype(np.float32))
+  text_mask = jnp.asarray((np.arange(t)[None] < np.array([[6], [3], [1], [4]])).astype(np.int32))
+  if slots:  # 2 rows per image: its own, then another's
+    image, index = jnp.asarray(rs.randn(2, s, d).astype(np.float32)), (None, jnp.asarray([[1, 0]]))
+  else:
+    image, index = jnp.asarray(rs.randn(2, s, d).astype(np.float32)), jnp.asarray([[0, 1], [1, 1]])
+  make = lambda impl: bert.BertStack(2, 0, num_heads=2, mlp_dim=32, eps=1e-12, dropout=0.0,
+                                     deterministic=True, cross=True, attention_impl=impl)
+  params = nn.meta.unbox(make(None).init(jax.random.key(0), x, text_mask, image,
+                                         index)['params'])
+  cot = jnp.asarray(rs.randn(b, t, d).astype(np.float32))
+  key_lengths = []
+  plain = layers.even_length_attention
+  monkeypatch.setattr(layers, 'even_length_attention',
+                      lambda q, k, *a, **kw: key_lengths.append(k.shape[1]) or plain(q, k, *a, **kw))
+
+  def loss(p, x, img, impl):
+    return jnp.sum(make(impl).apply({'params': p}, x, text_mask, img, index) * cot)
+
+  want, got = (jax.value_and_grad(loss, argnums=(0, 1, 2))(params, x, image, impl)
+               for impl in (None, 'cudnn'))
+  cross = [n for n in key_lengths if n in (s, s + 1)]  # (the text's are 6)
+  assert cross and all(n == s + 1 for n in cross), key_lengths
+  _close(got[0], want[0])
+  _close(got[1], want[1], rtol=1e-4)
+
+
 def test_step_with_padded_tokens_equals_unpadded(tiny_config):
   """The tiny train step (no dropout) with both knobs on: same loss and gradients."""
   c = tiny_config

@@ -80,6 +80,7 @@ class BertLayer(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
+  image_length: int | None = None  # image tokens after it are padding (masked as keys)
 
   @nn.compact
   def __call__(self, x, x_mask, image=None, image_index=None):
@@ -90,8 +91,8 @@ class BertLayer(nn.Module):
     x = norm('attention_norm')(x + drop(attn('attention')(x, x, x_mask)))
     if self.cross:
       # Every image token is visible: ALBEF gives the image no mask.
-      x = norm('crossattention_norm')(x + drop(attn('crossattention')(x, image, None,
-                                                                        image_index)))
+      x = norm('crossattention_norm')(x + drop(attn('crossattention')(
+          x, image, None, image_index, self.image_length)))
     h = layers.dense(self.mlp_dim, 'embed', ('mlp',), dtype=self.dtype, init=_INIT,
                      name='intermediate', grad_dtype=self.grad_dtype)(x)
     h = layers.constrain(layers.gelu(h), ('act_batch', 'act_len', 'act_mlp'))
@@ -131,11 +132,18 @@ class BertStack(nn.Module):
     extra = layers.padding_to(n, self.pad_tokens_to)
     x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
     mask = layers.padding_mask(jnp.pad(text_mask, ((0, 0), (0, extra))))
+    image_length = None
+    if image is not None and self.attention_impl == 'cudnn' and image.shape[1] % 2:
+      # cuDNN's path pads odd key lengths by one (`layers.even_length_attention`); padded
+      # here once, each layer's keys and values come out of their matmuls padded.
+      image_length = image.shape[1]
+      image = jnp.pad(image, ((0, 0), (0, 1), (0, 0)))
     layer_cls = layers.maybe_remat(BertLayer, self.remat)
     for i in range(self.first_layer, self.first_layer + self.num_layers):
       x = layer_cls(self.num_heads, self.mlp_dim, self.eps, self.dropout,
                     self.deterministic, self.cross, self.dtype, self.attention_impl,
-                    self.grad_dtype, name=f'layer_{i}')(x, mask, image, image_index)
+                    self.grad_dtype, image_length,
+                    name=f'layer_{i}')(x, mask, image, image_index)
     return x[:, :n]
 
 

@@ -26,8 +26,13 @@ Dtype = Any
 def gelu(x):
   """Exact (erf) GELU, x * Phi(x), as timm's ViT and HF BERT use. Its derivative
   Phi(x) + x * phi(x) is recomputed from x in the backward pass, in float32: autodiff of
-  jax.nn.gelu would keep two activation-sized residuals per MLP instead of x alone."""
-  return jax.nn.gelu(x, approximate=False)
+  jax.nn.gelu would keep two activation-sized residuals per MLP instead of x alone.
+  Computed in float32 (erfc: accurate in the negative tail) and rounded once: `jax.nn.gelu`
+  of bf16 scaled x by a bf16 1/sqrt(2) (relative errors up to 12% in the negative tail),
+  and XLA:GPU wrote that product to memory in a kernel of its own in the text and fusion
+  encoders."""
+  xf = x.astype(jnp.float32)
+  return (xf * 0.5 * jax.lax.erfc(xf * (-1.0 / np.sqrt(2.0)))).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -252,45 +257,18 @@ def slot_attention(q, k, v, slots, attend):
 
 
 def fused_projection(x, denses):
-  """Dense layers [C] -> [H, D] of one input as ONE matmul: x [B, T, C] -> a tuple of
-  [B, T, H, D], one per Dense, with each Dense's own parameters (so checkpoints and the
-  PyTorch layout do not change).
-
-  XLA already merges the forward matmuls of a shared input, but autodiff of separate
-  projections runs n input-gradient matmuls and adds them, n weight-gradient matmuls and n
-  bias reductions; stacked, one of each. (H200 roofline of the paper step: 3,280 -> 2,909
-  launches, 37.56 -> 36.52 ms with cuDNN attention and both paddings.)
+  """Dense layers [C] -> [H, D] of one input: x [B, T, C] -> a tuple of [B, T, H, D], one
+  per Dense, with each Dense's own parameters (so checkpoints and the PyTorch layout do
+  not change), through `param_ops.dense_group`: n matmuls forward, but one input-gradient
+  matmul, one weight-gradient matmul and one bias reduction backward, where autodiff of
+  separate projections ran n of each and added the input gradients (H200 roofline of the
+  paper step: 3,280 -> 2,909 launches, 37.56 -> 36.52 ms with cuDNN attention and both
+  paddings).
   """
   ws = [d.weights(x.shape[-1:]) for d in denses]
   dtype = denses[0].dtype
-  kernel = jnp.stack([w for w, _ in ws], 1).astype(dtype)  # [C, n, H, D]
-  y = param_ops.dot_param(x.astype(dtype), kernel, 1, denses[0].grad_dtype)  # [B, T, n, H, D]
-  return _split_add_bias(y, jnp.stack([b for _, b in ws]).astype(dtype))
-
-
-@jax.custom_vjp
-def _split_add_bias(y, bias):
-  """y [B, T, n, H, D], bias [n, H, D] (y's dtype) -> n arrays [B, T, H, D], y[:, :, i] +
-  bias[i].
-
-  The backward stacks the n cotangents once and reduces the bias gradient from that stack
-  (in float32, rounded once, as `param_ops.add_param`). Autodiff of the n slices and adds
-  reduced each cotangent alone and padded and summed them into the stack: 96 more launches
-  on the H200 roofline (36.71 -> 36.52 ms).
-  """
-  return tuple(y[:, :, i] + bias[i] for i in range(y.shape[2]))
-
-
-def _split_add_bias_fwd(y, bias):
-  return _split_add_bias(y, bias), None
-
-
-def _split_add_bias_bwd(_, gs):
-  dy = jnp.stack(gs, 2)
-  return dy, param_ops.sum_to_param(dy, 3, dy.dtype)
-
-
-_split_add_bias.defvjp(_split_add_bias_fwd, _split_add_bias_bwd)
+  return param_ops.dense_group(x.astype(dtype), [w.astype(dtype) for w, _ in ws],
+                               [b.astype(dtype) for _, b in ws], denses[0].grad_dtype)
 
 
 class Attention(nn.Module):
@@ -302,7 +280,7 @@ class Attention(nn.Module):
   kv_length keys count (static; None = all). Returns [B, T, Dq]. With `kv_index` the keys
   and values are projected once per kv_in row and then gathered, joined per slot (or read
   in place by 'pallas'), so query rows that share an image share that work. With 'cudnn'
-  the projections of one input run as one matmul (`fused_projection`: q, k and v when
+  the projections of one input share one backward (`fused_projection`: q, k and v when
   `kv_in is q_in`, else k and v). Softmax runs in float32 inside the attention kernels.
   """
   num_heads: int
