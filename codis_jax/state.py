@@ -7,6 +7,7 @@ from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from codis_jax import queue as queue_lib
@@ -118,9 +119,18 @@ def learning_rate_schedule(optim_config, total_steps: int):
 def make_optimizer(optim_config, total_steps: int):
   """AdamW; like ALBEF (timm's optimiser factory), no decay on biases, norms, temperature."""
   c = optim_config
+  mu_dtype = c.get('mu_dtype', 'float32')
+  if mu_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.optim.mu_dtype={mu_dtype!r}: choose 'float32' or 'bfloat16'")
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(learning_rate_schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
-                      weight_decay=c.weight_decay, mask=decay_mask)
+  # mu_dtype='bfloat16' stores the first moment in bf16, 2 bytes less per parameter read
+  # and written each step (as big_vision's and MaxText's option). optax computes
+  # b1 * mu + (1 - b1) * g and updates with it before storing it rounded; b1 goes in as a
+  # float32 scalar, since a Python float times a bf16 moment is a bf16 product, with b1
+  # itself rounded to bf16 (0.9 -> 0.8984: a moment 1.6% short of the gradients' mean).
+  b1 = np.float32(c.b1) if mu_dtype == 'bfloat16' else c.b1
+  adamw = optax.adamw(learning_rate_schedule(c, total_steps), b1=b1, b2=c.b2, eps=c.eps,
+                      weight_decay=c.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(mu_dtype))
   if c.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adamw)
   return adamw

@@ -108,3 +108,18 @@ def test_weight_copy_is_left_out_and_rebuilt_from_the_restored_weights(tiny_conf
   assert again.weight_copy is None
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),
                jax.device_get(restored.params))
+
+
+def test_checkpoint_of_another_mu_dtype_is_refused_naming_the_moments(tiny_config, tmp_path):
+  """optim.mu_dtype is part of the state: a float32-moment checkpoint does not restore into
+  a bf16-moment run (nor silently casts); the error names the moments' dtypes."""
+  c = tiny_config
+  c.checkpoint.keep = 1
+  state, *_ = _sharded_state(c)
+  _save(c, tmp_path, state).close()
+  bf16 = c.copy_and_resolve_references()
+  bf16.optim.mu_dtype = 'bfloat16'
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    loop.train(bf16, str(tmp_path))
+  msg = str(e.value)
+  assert '/mu/' in msg and 'checkpoint dtype float32 vs config bfloat16' in msg, msg

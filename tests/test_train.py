@@ -148,3 +148,42 @@ def test_global_norm_equals_numpy_over_mixed_leaves():
   np.testing.assert_allclose(float(jax.jit(train.global_norm)(tree)), want, rtol=1e-6)
   tree['b'] = tree['b'].at[2].set(jnp.nan)
   assert np.isnan(float(train.global_norm(tree)))
+
+
+@pytest.mark.parametrize('mu_dtype', ['float32', 'bfloat16'])
+def test_adamw_against_numpy_with_the_first_moment_stored_in_mu_dtype(tiny_config, mu_dtype):
+  """Three AdamW updates against float64 numpy (decay on the kernel, none on the bias). With
+  mu_dtype='bfloat16' each update uses b1 * mu + (1 - b1) * g in float32, from the stored
+  moment, and stores it rounded to bf16 (not b1 rounded to bf16, as a Python-float b1 would
+  give); the reference rounds the same."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  c = tiny_config.optim
+  c.lr = c.warmup_lr = c.min_lr = 1e-2  # a constant schedule
+  c.mu_dtype = mu_dtype
+  tx = state_lib.make_optimizer(c, 100)
+  rs = np.random.RandomState(1)
+  params = {'kernel': rs.randn(3, 4).astype(np.float32), 'bias': rs.randn(4).astype(np.float32)}
+  grads = [{k: rs.randn(*v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(3)]
+  p, state = jax.tree.map(jnp.asarray, params), tx.init(params)
+  for g in grads:
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+
+  rnd = ((lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64))
+         if mu_dtype == 'bfloat16' else (lambda a: a))
+  for name, decay in (('kernel', True), ('bias', False)):
+    w, mu, nu = np.float64(params[name]), np.zeros(params[name].shape), 0.0
+    for t, g in enumerate(grads, 1):
+      g = np.float64(g[name])
+      mu, nu = c.b1 * mu + (1 - c.b1) * g, c.b2 * nu + (1 - c.b2) * g * g
+      step = (mu / (1 - c.b1 ** t)) / (np.sqrt(nu / (1 - c.b2 ** t)) + c.eps)
+      w = w - c.lr * (step + (c.weight_decay * w if decay else 0.0))
+      mu = rnd(mu)
+    adam = state[0]
+    assert adam.mu[name].dtype == jnp.dtype(mu_dtype) and adam.nu[name].dtype == jnp.float32
+    np.testing.assert_allclose(np.float64(adam.mu[name].astype(jnp.float32)), mu, rtol=1e-6)
+    np.testing.assert_allclose(p[name], w, rtol=2e-6, atol=1e-7)
+  c.mu_dtype = 'float16'
+  with pytest.raises(ValueError, match="config.optim.mu_dtype='float16'"):
+    state_lib.make_optimizer(c, 100)
