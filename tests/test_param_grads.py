@@ -276,13 +276,12 @@ def test_the_step_takes_no_gradient_of_the_images():
 
 def _dots_2d_after_barrier(jaxpr):
   """(plain dots, of which 2-D x 2-D fed by an optimization barrier) in jaxpr alone."""
-  barrier_outs, dots, fed = set(), 0, 0
-  reshaped = {}
+  barrier_outs, reshaped, dots, fed = set(), set(), 0, 0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'optimization_barrier':
       barrier_outs.update(map(id, eqn.outvars))
     if eqn.primitive.name == 'reshape' and id(eqn.invars[0]) in barrier_outs:
-      reshaped[id(eqn.outvars[0])] = True
+      reshaped.add(id(eqn.outvars[0]))
     if eqn.primitive.name == 'dot_general':
       dots += 1
       fed += all(v.aval.ndim == 2 and id(v) in reshaped for v in eqn.invars)

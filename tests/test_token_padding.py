@@ -109,10 +109,9 @@ def test_cudnn_fusion_stack_pads_an_odd_image_once(slots, cudnn_via_xla, monkeyp
   b, t, s, d = 4, 6, 7, 16
   x = jnp.asarray(rs.randn(b, t, d).astype(np.float32))
   text_mask = jnp.asarray((np.arange(t)[None] < np.array([[6], [3], [1], [4]])).astype(np.int32))
-  if slots:  # 2 rows per image: its own, then another's
-    image, index = jnp.asarray(rs.randn(2, s, d).astype(np.float32)), (None, jnp.asarray([[1, 0]]))
-  else:
-    image, index = jnp.asarray(rs.randn(2, s, d).astype(np.float32)), jnp.asarray([[0, 1], [1, 1]])
+  image = jnp.asarray(rs.randn(2, s, d).astype(np.float32))
+  # Slots: 2 rows per image, its own then the other's; else a row index per text row.
+  index = (None, jnp.asarray([[1, 0]])) if slots else jnp.asarray([[0, 1], [1, 1]])
   make = lambda impl: bert.BertStack(2, 0, num_heads=2, mlp_dim=32, eps=1e-12, dropout=0.0,
                                      deterministic=True, cross=True, attention_impl=impl)
   params = nn.meta.unbox(make(None).init(jax.random.key(0), x, text_mask, image,
