@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codis_jax.models import norm
 from codis_jax.models import param_ops
 from codis_jax.models import tpu_attention
 
@@ -117,11 +118,7 @@ def dense(features, in_axis, out_axes, *, dtype, init, name, axis=-1, flat=False
 
 
 def layer_norm(eps, dtype, name):
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=logical_init(nn.initializers.ones, ('embed',)),
-      bias_init=logical_init(nn.initializers.zeros, ('embed',)),
-      name=name)
+  return norm.LayerNorm(eps, dtype, name=name)
 
 
 def padding_to(n: int, multiple: int) -> int:
