@@ -1,17 +1,14 @@
 """hlo_cost: kernels, FLOPs and bytes read from optimised HLO, checked by hand counts."""
 
 import dataclasses
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from codis_jax import hlo_cost
+import compile_only
 
 # GPU-style HLO as XLA writes it: a cuBLAS call with its scratch buffer, a fusion that reads
 # a slice of a big buffer, an in-place dynamic-update-slice fusion, and a while loop.
@@ -172,15 +169,9 @@ print(sum(k.flops for k in ks), [k.kind for k in ks if k.flops])
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec('jax_cuda12_plugin') is None,
-                    reason="needs JAX's CUDA plugin (no GPU): launch/setup.sh --gpu-aot")
+@compile_only.needs_cuda_plugin
 def test_compile_only_gpu_matmul():
-  # Its own process: JAX must start with the CPU platform for a compile-only GPU.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', _COMPILE_ONLY], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.returncode == 0, out.stderr[-2000:]
-  flops, kinds = out.stdout.strip().splitlines()[-1].split(' ', 1)
+  flops, kinds = compile_only.run(_COMPILE_ONLY).strip().splitlines()[-1].split(' ', 1)
   assert float(flops) == 2 * 256 * 512 * 1024 and '__cublas' in kinds
 
 

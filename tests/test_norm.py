@@ -1,10 +1,5 @@
 """models/norm.py: the LayerNorm against float64 numpy, flax's LayerNorm, and its GPU kernels."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +7,7 @@ import numpy as np
 import pytest
 
 from codis_jax.models import norm
+import compile_only
 
 
 def _reference(x, scale, bias, eps, g):
@@ -107,17 +103,12 @@ for name, f in fns.items():
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec('jax_cuda12_plugin') is None,
-                    reason="needs JAX's CUDA plugin (no GPU): launch/setup.sh --gpu-aot")
+@compile_only.needs_cuda_plugin
 def test_compile_only_gpu_forward_is_one_kernel():
   # The claim behind norm.py: on an H100 (compile-only) the forward is one kernel that
   # reads x and writes y, and forward + backward move fewer bytes than flax's LayerNorm.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', _COMPILE_ONLY], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.returncode == 0, out.stderr[-2000:]
   rows = {tuple(line.split()[:2]): tuple(map(float, line.split()[2:]))
-          for line in out.stdout.strip().splitlines()[-4:]}
+          for line in compile_only.run(_COMPILE_ONLY).strip().splitlines()[-4:]}
   size = 64 * 264 * 768 * 2
   launches, nbytes = rows[('ours', 'fwd')]
   assert launches == 1 and nbytes < 2.01 * size

@@ -1,15 +1,9 @@
 """Paper-scale step compiled (not run) for an 8-way FSDP mesh: memory and collectives; the
 dtype of the cross-device gradient sums on compile-only GPUs."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
-
 from codis_jax import scaling_report
 from configs import pretrain
+import compile_only
 
 
 def test_collective_parser_reads_sizes():
@@ -67,19 +61,14 @@ for g in ('float32', 'bfloat16'):
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec('jax_cuda12_plugin') is None,
-                    reason="needs JAX's CUDA plugin (no GPU): launch/setup.sh --gpu-aot")
+@compile_only.needs_cuda_plugin
 def test_gpu_gradient_sums_across_devices_are_float32():
   """The tiny bf16 step compiled for 8 compile-only H100s: XLA:GPU sums the gradients
   across devices (all-reduce with data=8, reduce-scatter with fsdp=8) in float32 only;
   with model.weight_grad_dtype=bfloat16 it sums the weight gradients in bf16. (XLA:CPU
   computes bf16 matmuls in float32, so only a GPU compile shows this.)"""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', _GPU_COLLECTIVES], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.returncode == 0, out.stderr[-3000:]
   rows = {}
-  for line in out.stdout.strip().splitlines()[-4:]:
+  for line in compile_only.run(_GPU_COLLECTIVES, timeout=900).strip().splitlines()[-4:]:
     grad_dtype, layout, kinds = line.split(' ', 2)
     rows[grad_dtype, layout] = set(kinds.split('|'))
   assert 'all-reduce f32' in rows[('float32', 'data')], rows

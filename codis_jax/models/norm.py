@@ -8,8 +8,8 @@ written once. Autodiff of the two-pass form gave a costlier backward, so the bac
 written out: it recomputes the statistics from x in one pass, as flax does (so it shares
 flax's cancellation when a row's mean dwarfs its spread; the forward does not), and all its
 row sums (of x, x^2, the cotangent and its product with x) are independent, so XLA computes
-them in one reduction kernel over x and the cotangent. Only x is saved. Measured on compile-only rooflines: README,
-Performance.
+them in one reduction kernel over x and the cotangent. Only x is saved. Measured on
+compile-only rooflines in docs/performance.md.
 """
 
 import functools
