@@ -39,8 +39,11 @@ def _plain(q, k, v):
 
 # 8 examples in 2 groups of 4; slot 2 reads another example of its group.
 OTHER = np.array([[1, 3, 0, 2], [2, 0, 3, 1]])
+# Hard negatives can repeat: several rows of a group may read the same example.
+REPEATS = np.array([[1, 1, 0, 1], [3, 3, 3, 2]])
 SLOTS = {'train': (None, None, OTHER, None), 'finetune': (None, OTHER, None),
-         'two others': (OTHER, None, OTHER[:, ::-1].copy())}
+         'two others': (OTHER, None, OTHER[:, ::-1].copy()), 'repeats': (None, REPEATS),
+         'no own slot': (OTHER, REPEATS)}
 
 
 @pytest.mark.parametrize('name', sorted(SLOTS))

@@ -241,16 +241,45 @@ def slot_attention(q, k, v, slots, attend):
   t = q.shape[1]
   outs = [None] * n
   own = [j for j, s in enumerate(slots) if s is None]
+  others = [(j, s) for j, s in enumerate(slots) if s is not None]
   if own:
+    # The other slots' key/value gradients go into the own slots' in place (a scatter-add):
+    # autodiff scattered them into zeros and added the two (H100 roofline: -0.2 ms).
+    (k, k_rows), (v, v_rows) = (_self_and_rows(x, tuple(s for _, s in others))
+                                for x in (k, v))
     q_own = constrain(qs[:, own].reshape((b, len(own) * t) + q.shape[2:]), QKV_AXES)
     o = attend(q_own, k, v).reshape((b, len(own), t) + q.shape[2:])
     for i, j in enumerate(own):
       outs[j] = o[:, i]
-  for j, s in enumerate(slots):
-    if s is not None:
-      kj, vj = (constrain(take_rows(x, s), QKV_AXES) for x in (k, v))
-      outs[j] = attend(qs[:, j], kj, vj)
+  else:
+    k_rows, v_rows = ([take_rows(x, s) for _, s in others] for x in (k, v))
+  for (j, _), kj, vj in zip(others, k_rows, v_rows):
+    outs[j] = attend(qs[:, j], constrain(kj, QKV_AXES), constrain(vj, QKV_AXES))
   return jnp.stack(outs, 1).reshape(q.shape)
+
+
+@jax.custom_vjp
+def _self_and_rows(x, indices):
+  """(x, tuple of `take_rows(x, index)` per index); the gradient adds each rows' cotangent
+  into x's own in place (a scatter-add per index), not into zeros."""
+  return x, tuple(take_rows(x, i) for i in indices)
+
+
+def _self_and_rows_fwd(x, indices):
+  return _self_and_rows(x, indices), indices
+
+
+def _self_and_rows_bwd(indices, cts):
+  ct, ct_rows = cts
+  for index, ct_r in zip(indices, ct_rows):
+    g = index.shape[0]
+    ctg = ct.reshape((g, ct.shape[0] // g) + ct.shape[1:])
+    ct = ctg.at[jnp.arange(g)[:, None], index].add(
+        ct_r.reshape(index.shape + ct.shape[1:])).reshape(ct.shape)
+  return ct, None
+
+
+_self_and_rows.defvjp(_self_and_rows_fwd, _self_and_rows_bwd)
 
 
 def fused_projection(x, denses):
