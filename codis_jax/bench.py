@@ -126,7 +126,7 @@ def loop_step(config, tx, state, guarded=True):
 
 # Model knobs that change how the step computes, not the train state it starts from (a
 # weight copy is derived from the weights: the cache rebuilds it per variant).
-PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv', 'pad_image_tokens',
+PERF_KEYS = ('dtype', 'remat', 'attention_impl', 'share_image_kv', 'pad_image_tokens', 'gelu',
              'pad_text_tokens', 'weight_copy', 'weight_grad_dtype')
 
 

@@ -30,15 +30,16 @@ test_timeout=${TEST_TIMEOUT:-90}
 config=${CONFIG:-paper} batch=${BATCH:-64}  # e.g. CONFIG=tiny BATCH=8 for a CPU dry run
 dtype=${DTYPE:-bfloat16}
 # The gpu variant (configs/pretrain.py:gpu: cuDNN attention, image tokens padded to 264 and
-# text to 26, the bf16 weight copy; what the GPU launchers run), the baseline (XLA
-# attention, keys/values shared per image), the gpu variant without the weight copy, cuDNN
-# attention alone, the baseline without the sharing, and the gpu variant at batch 128 (a
-# fresh state). In the order of what matters most, in case the budget runs out; if cuDNN's
-# kernel fails, the baseline gets the trace and the parts.
+# text to 26, the bf16 weight copy, the tanh GELU; what the GPU launchers run), the
+# baseline (XLA attention, keys/values shared per image), the gpu variant with the exact
+# GELU, then without the weight copy too, cuDNN attention alone, the baseline without the
+# sharing, and the gpu variant at batch 128 (a fresh state). In the order of what matters
+# most, in case the budget runs out; if cuDNN's kernel fails, the baseline gets the trace
+# and the parts.
 padded=model.attention_impl=cudnn,model.pad_image_tokens=8,model.pad_text_tokens=2
-gpu=$padded,model.weight_copy=true
-variants=${VARIANTS:-"$gpu - $padded model.attention_impl=cudnn model.share_image_kv=false
-$gpu,batch_size=128"}
+gpu=$padded,model.weight_copy=true,model.gelu=tanh
+variants=${VARIANTS:-"$gpu - $gpu,model.gelu=erf $padded model.attention_impl=cudnn
+model.share_image_kv=false $gpu,batch_size=128"}
 
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv

@@ -57,6 +57,11 @@ def export_state(raw: dict, out_dir: str, formats=FORMATS) -> list:
         params, st.get('ema_params'), st.get('image_queue'), st.get('text_queue'),
         None if ptr is None else np.asarray(ptr), model_config)
     written += save_albef({k: np.asarray(v) for k, v in sd.items()}, out_dir)
+    if model_config.get('gelu', 'erf') == 'tanh':
+      # A state dict cannot say which GELU its model used; ALBEF's code uses the exact one.
+      print('note: this model was trained with the tanh GELU (model.gelu=tanh); ALBEF\'s '
+            "code computes the exact one: use nn.GELU(approximate='tanh') to reproduce it "
+            '(the HF configs already name gelu_pytorch_tanh)', file=sys.stderr)
   if 'hf' in formats:
     written.append(hf.to_hf_vit(params, model_config, os.path.join(out_dir, 'hf_vit')))
     written.append(hf.to_hf_bert(params, model_config, os.path.join(out_dir, 'hf_bert')))

@@ -36,12 +36,18 @@ def _write(out_dir, state_dict, config):
   return out_dir
 
 
+def hidden_act(m) -> str:
+  """transformers' name of the model's GELU (model.gelu): 'gelu' is the exact (erf) one,
+  'gelu_pytorch_tanh' torch's tanh approximation."""
+  return {'erf': 'gelu', 'tanh': 'gelu_pytorch_tanh'}[m.get('gelu', 'erf')]
+
+
 def hf_vit_config(m) -> dict:
   return {
       'architectures': ['ViTModel'], 'model_type': 'vit',
       'hidden_size': m.vit_width, 'num_hidden_layers': m.vit_depth,
       'num_attention_heads': m.vit_heads, 'intermediate_size': m.vit_mlp_dim,
-      'hidden_act': 'gelu',  # exact erf GELU, as in timm and our model
+      'hidden_act': hidden_act(m),
       'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
       'layer_norm_eps': m.vit_ln_eps, 'initializer_range': 0.02,
       'image_size': m.image_size, 'patch_size': m.patch_size, 'num_channels': 3,
@@ -54,7 +60,7 @@ def hf_bert_config(m) -> dict:
       'architectures': ['BertModel'], 'model_type': 'bert',
       'vocab_size': m.vocab_size, 'hidden_size': m.text_width,
       'num_hidden_layers': m.text_layers, 'num_attention_heads': m.text_heads,
-      'intermediate_size': m.text_mlp_dim, 'hidden_act': 'gelu',
+      'intermediate_size': m.text_mlp_dim, 'hidden_act': hidden_act(m),
       'hidden_dropout_prob': m.dropout, 'attention_probs_dropout_prob': 0.0,
       'max_position_embeddings': m.max_positions, 'type_vocab_size': m.type_vocab_size,
       'layer_norm_eps': m.text_ln_eps, 'initializer_range': 0.02,

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from codis_jax.models import activations
 from codis_jax.models import layers
 from codis_jax.models import param_ops
 
@@ -81,6 +82,7 @@ class BertLayer(nn.Module):
   attention_impl: str | None = None
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
   image_length: int | None = None  # image tokens after it are padding (masked as keys)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, x, x_mask, image=None, image_index=None):
@@ -95,7 +97,8 @@ class BertLayer(nn.Module):
           x, image, None, image_index, self.image_length)))
     h = layers.dense(self.mlp_dim, 'embed', ('mlp',), dtype=self.dtype, init=_INIT,
                      name='intermediate', grad_dtype=self.grad_dtype)(x)
-    h = layers.constrain(layers.gelu(h), ('act_batch', 'act_len', 'act_mlp'))
+    h = layers.constrain(activations.activation(self.gelu)(h),
+                         ('act_batch', 'act_len', 'act_mlp'))
     h = layers.dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=_INIT,
                      name='output', grad_dtype=self.grad_dtype)(h)
     x = norm('output_norm')(x + drop(h))
@@ -125,6 +128,7 @@ class BertStack(nn.Module):
   attention_impl: str | None = None
   pad_tokens_to: int = 0
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, x, text_mask, image=None, image_index=None):
@@ -142,7 +146,7 @@ class BertStack(nn.Module):
     for i in range(self.first_layer, self.first_layer + self.num_layers):
       x = layer_cls(self.num_heads, self.mlp_dim, self.eps, self.dropout,
                     self.deterministic, self.cross, self.dtype, self.attention_impl,
-                    self.grad_dtype, image_length,
+                    self.grad_dtype, image_length, self.gelu,
                     name=f'layer_{i}')(x, mask, image, image_index)
     return x[:, :n]
 
@@ -156,13 +160,15 @@ class MlmHead(nn.Module):
   eps: float
   dtype: Any = jnp.float32
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, hidden, embeddings: BertEmbeddings):
     # A square kernel cannot name 'embed' twice; its output dim stays unsplit.
     h = layers.dense(hidden.shape[-1], 'embed', ('embed_out',), dtype=self.dtype,
                      init=_INIT, name='transform', grad_dtype=self.grad_dtype)(hidden)
-    h = layers.layer_norm(self.eps, self.dtype, 'transform_norm')(layers.gelu(h))
+    h = layers.layer_norm(self.eps, self.dtype, 'transform_norm')(
+        activations.activation(self.gelu)(h))
     bias = self.param('bias', layers.logical_init(nn.initializers.zeros, ('vocab',)),
                       (self.vocab_size,), jnp.float32)
     logits = param_ops.add_param(embeddings.attend(h, self.grad_dtype), bias.astype(h.dtype))

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from codis_jax.models import bert, layers, vit
+from codis_jax.models import activations, bert, layers, vit
 
 
 def l2_normalize(x, eps=1e-12):
@@ -68,20 +68,23 @@ class CODIS(nn.Module):
                        "(XLA picks), 'xla', 'cudnn' (GPU) or 'pallas' (TPU)")
     impl = c.attention_impl or None
     grad_dtype = weight_grad_dtype(c)
+    gelu = c.get('gelu', 'erf')
+    activations.activation(gelu)  # a bad name fails here, naming the config key
     self.visual_encoder = vit.ViT(
         c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp_dim, c.vit_ln_eps,
-        dtype, c.remat, impl, c.get('pad_image_tokens', 0), grad_dtype)
+        dtype, c.remat, impl, c.get('pad_image_tokens', 0), grad_dtype, gelu)
     text_common = dict(num_heads=c.text_heads, mlp_dim=c.text_mlp_dim, eps=c.text_ln_eps,
                        dropout=c.dropout, deterministic=not self.train, dtype=dtype,
                        remat=c.remat, attention_impl=impl,
-                       pad_tokens_to=c.get('pad_text_tokens', 0), grad_dtype=grad_dtype)
+                       pad_tokens_to=c.get('pad_text_tokens', 0), grad_dtype=grad_dtype,
+                       gelu=gelu)
     self.embeddings = bert.BertEmbeddings(
         c.vocab_size, c.text_width, c.max_positions, c.type_vocab_size, c.text_ln_eps,
         c.dropout, not self.train, dtype)
     self.text_layers = bert.BertStack(c.text_layers, 0, **text_common)
     self.fusion_layers = bert.BertStack(c.fusion_layers, c.text_layers, cross=True,
                                         **text_common)
-    self.mlm_head = bert.MlmHead(c.vocab_size, c.text_ln_eps, dtype, grad_dtype)
+    self.mlm_head = bert.MlmHead(c.vocab_size, c.text_ln_eps, dtype, grad_dtype, gelu)
     proj = lambda name: layers.dense(c.embed_dim, 'embed', ('proj',), dtype=jnp.float32,
                                      init=nn.initializers.normal(0.02), name=name)
     self.vision_proj = proj('vision_proj')

@@ -17,38 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codis_jax.models import activations
 from codis_jax.models import norm
 from codis_jax.models import param_ops
 from codis_jax.models import tpu_attention
 
 Dtype = Any
-
-@jax.custom_vjp
-def gelu(x):
-  """Exact (erf) GELU, x * Phi(x), as timm's ViT and HF BERT use. Its derivative
-  Phi(x) + x * phi(x) is recomputed from x in the backward pass, in float32: autodiff of
-  jax.nn.gelu would keep two activation-sized residuals per MLP instead of x alone.
-  Computed in float32 (erfc: accurate in the negative tail) and rounded once: `jax.nn.gelu`
-  of bf16 scaled x by a bf16 1/sqrt(2) (relative errors up to 12% in the negative tail),
-  and XLA:GPU wrote that product to memory in a kernel of its own in the text and fusion
-  encoders."""
-  xf = x.astype(jnp.float32)
-  return (xf * 0.5 * jax.lax.erfc(xf * (-1.0 / np.sqrt(2.0)))).astype(x.dtype)
-
-
-def _gelu_fwd(x):
-  return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-  xf = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / np.sqrt(2.0))))
-  pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / np.sqrt(2.0 * np.pi))
-  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
 
 def logical_init(init, axes):
   return nn.with_logical_partitioning(init, axes)
@@ -353,12 +327,13 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.normal(0.02)
   grad_dtype: Dtype | None = None  # the kernels' gradients (Dense.grad_dtype)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, x):
     h = dense(self.hidden, 'embed', ('mlp',), dtype=self.dtype, init=self.kernel_init,
               name='fc1', grad_dtype=self.grad_dtype)(x)
-    h = constrain(gelu(h), ('act_batch', 'act_len', 'act_mlp'))
+    h = constrain(activations.activation(self.gelu)(h), ('act_batch', 'act_len', 'act_mlp'))
     return dense(x.shape[-1], 'mlp', ('embed',), dtype=self.dtype, init=self.kernel_init,
                  name='fc2', grad_dtype=self.grad_dtype)(h)
 

@@ -59,6 +59,7 @@ class ViTBlock(nn.Module):
   attention_impl: str | None = None
   num_tokens: int | None = None  # tokens after it are padding (None: none)
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, x):
@@ -66,7 +67,8 @@ class ViTBlock(nn.Module):
     x = x + layers.Attention(self.num_heads, self.dtype, _INIT, self.attention_impl,
                              self.grad_dtype, name='attn')(h, h, kv_length=self.num_tokens)
     h = layers.layer_norm(self.eps, self.dtype, 'norm2')(x)
-    x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, self.grad_dtype, name='mlp')(h)
+    x = x + layers.Mlp(self.mlp_dim, self.dtype, _INIT, self.grad_dtype, self.gelu,
+                       name='mlp')(h)
     return layers.constrain(x, ('act_batch', 'act_len', 'act_embed'))
 
 
@@ -90,6 +92,7 @@ class ViT(nn.Module):
   attention_impl: str | None = None
   pad_tokens_to: int = 0
   grad_dtype: Any = None  # the kernels' gradients (layers.Dense.grad_dtype)
+  gelu: str = 'erf'  # activations.activation
 
   @nn.compact
   def __call__(self, images):
@@ -114,7 +117,7 @@ class ViT(nn.Module):
     block = layers.maybe_remat(ViTBlock, self.remat)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.eps, self.dtype, self.attention_impl,
-                n if extra else None, self.grad_dtype, name=f'blocks_{i}')(x)
+                n if extra else None, self.grad_dtype, self.gelu, name=f'blocks_{i}')(x)
     return layers.layer_norm(self.eps, self.dtype, 'norm')(x[:, :n])
 
 
