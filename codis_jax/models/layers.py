@@ -24,6 +24,7 @@ from codis_jax.models import tpu_attention
 
 Dtype = Any
 
+
 def logical_init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
