@@ -20,3 +20,9 @@ def run(code: str, timeout: int = 300) -> str:
                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
+
+
+def table(code: str, n: int, timeout: int = 300) -> dict:
+  """The last n lines of `run(code)`, each 'NAME MODE number...': {(NAME, MODE): numbers}."""
+  lines = run(code, timeout).strip().splitlines()[-n:]
+  return {tuple(line.split()[:2]): tuple(map(float, line.split()[2:])) for line in lines}

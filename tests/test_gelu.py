@@ -138,8 +138,7 @@ for name in ('erf', 'tanh'):
 def test_compile_only_gpu_tanh_gelu_is_fused_into_the_matmul():
   # The claim behind the gpu variant's model.gelu='tanh': on an H100 (compile-only) the
   # activation is the cuBLASLt epilogue of fc1, forward and in training.
-  rows = {tuple(line.split()[:2]): tuple(map(float, line.split()[2:]))
-          for line in compile_only.run(_COMPILE_ONLY).strip().splitlines()[-4:]}
+  rows = compile_only.table(_COMPILE_ONLY, 4)
   act = 16896 * 3072 * 2  # the [16896, 3072] activation in bf16
   for mode in ('fwd', 'grad'):
     erf, tanh = rows[('erf', mode)], rows[('tanh', mode)]

@@ -107,8 +107,7 @@ for name, f in fns.items():
 def test_compile_only_gpu_forward_is_one_kernel():
   # The claim behind norm.py: on an H100 (compile-only) the forward is one kernel that
   # reads x and writes y, and forward + backward move fewer bytes than flax's LayerNorm.
-  rows = {tuple(line.split()[:2]): tuple(map(float, line.split()[2:]))
-          for line in compile_only.run(_COMPILE_ONLY).strip().splitlines()[-4:]}
+  rows = compile_only.table(_COMPILE_ONLY, 4)
   size = 64 * 264 * 768 * 2
   launches, nbytes = rows[('ours', 'fwd')]
   assert launches == 1 and nbytes < 2.01 * size

@@ -217,17 +217,14 @@ def slot_attention(q, k, v, slots, attend):
   outs = [None] * n
   own = [j for j, s in enumerate(slots) if s is None]
   others = [(j, s) for j, s in enumerate(slots) if s is not None]
+  # The other slots' key/value gradients go into the own slots' in place (a scatter-add):
+  # autodiff scattered them into zeros and added the two (H100 roofline: -0.2 ms).
+  (k, k_rows), (v, v_rows) = (_self_and_rows(x, tuple(s for _, s in others)) for x in (k, v))
   if own:
-    # The other slots' key/value gradients go into the own slots' in place (a scatter-add):
-    # autodiff scattered them into zeros and added the two (H100 roofline: -0.2 ms).
-    (k, k_rows), (v, v_rows) = (_self_and_rows(x, tuple(s for _, s in others))
-                                for x in (k, v))
     q_own = constrain(qs[:, own].reshape((b, len(own) * t) + q.shape[2:]), QKV_AXES)
     o = attend(q_own, k, v).reshape((b, len(own), t) + q.shape[2:])
     for i, j in enumerate(own):
       outs[j] = o[:, i]
-  else:
-    k_rows, v_rows = ([take_rows(x, s) for _, s in others] for x in (k, v))
   for (j, _), kj, vj in zip(others, k_rows, v_rows):
     outs[j] = attend(qs[:, j], constrain(kj, QKV_AXES), constrain(vj, QKV_AXES))
   return jnp.stack(outs, 1).reshape(q.shape)
@@ -236,7 +233,8 @@ def slot_attention(q, k, v, slots, attend):
 @jax.custom_vjp
 def _self_and_rows(x, indices):
   """(x, tuple of `take_rows(x, index)` per index); the gradient adds each rows' cotangent
-  into x's own in place (a scatter-add per index), not into zeros."""
+  into x's own in place (a scatter-add per index), not into zeros (x's own cotangent is
+  zeros only where x itself is unused)."""
   return x, tuple(take_rows(x, i) for i in indices)
 
 
