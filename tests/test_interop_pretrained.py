@@ -55,6 +55,17 @@ def perturb_torch(model, seed):
   return model
 
 
+def torch_resize_positions(pos, new_grid):
+  """ALBEF's interpolate_pos_embed in PyTorch: [CLS] kept, the grid resized by
+  F.interpolate(mode='bicubic', align_corners=False)."""
+  g = int(round(np.sqrt(pos.shape[1] - 1)))
+  grid = torch.from_numpy(np.ascontiguousarray(pos[:, 1:])).reshape(1, g, g, -1).permute(0, 3, 1, 2)
+  grid = torch.nn.functional.interpolate(grid, size=(new_grid, new_grid), mode='bicubic',
+                                         align_corners=False)
+  grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).numpy()
+  return np.concatenate([pos[:, :1], grid], 1)
+
+
 # ----------------------------------------------------------------------------------- BERT
 
 def minilm_config(fusion='none'):
@@ -187,8 +198,8 @@ def test_vit_import_reproduces_hf_and_interpolates_positions(tmp_path):
   p48 = flat(nn.meta.unbox(p48))
   assert p48['visual_encoder/pos_embed'].shape == (1, 37, 32)
   assert np.array_equal(p48['visual_encoder/pos_embed'][:, 0], pos[:, 0])
-  np.testing.assert_allclose(p48['visual_encoder/pos_embed'],
-                             np.asarray(vit.interpolate_pos_embed(pos, 6)), atol=1e-6)
+  np.testing.assert_allclose(p48['visual_encoder/pos_embed'], torch_resize_positions(pos, 6),
+                             atol=1e-6)
   f32 = flat(params)
   assert all(np.array_equal(p48[k], f32[k]) for k in f32
              if k.startswith('visual_encoder/') and k != 'visual_encoder/pos_embed')
@@ -197,7 +208,7 @@ def test_vit_import_reproduces_hf_and_interpolates_positions(tmp_path):
   deit, dpath = hf_vit(tmp_path, 'deit', transformers.DeiTModel, transformers.DeiTConfig)
   got = flat(pretrained.apply_pretrained(random_params(c48, 0), with_init(c48, vit_=dpath)))
   dpos = deit.embeddings.position_embeddings.detach().numpy()
-  want = np.asarray(vit.interpolate_pos_embed(np.concatenate([dpos[:, :1], dpos[:, 2:]], 1), 6))
+  want = torch_resize_positions(np.concatenate([dpos[:, :1], dpos[:, 2:]], 1), 6)
   np.testing.assert_allclose(got['visual_encoder/pos_embed'], want, atol=1e-6)
 
   # timm layout with a prefix, from an ALBEF-style .pth ({'model': ...}): exact round trip.
@@ -207,6 +218,19 @@ def test_vit_import_reproduces_hf_and_interpolates_positions(tmp_path):
   back = flat(pretrained.apply_pretrained(random_params(c, 5),
                                           with_init(c, vit_=str(tmp_path / 'albef.pth'))))
   assert all(np.array_equal(back[k], f32[k]) for k in f32 if k.startswith('visual_encoder/'))
+
+
+@pytest.mark.parametrize('grid,new_grid', [(16, 24), (24, 16), (4, 6), (16, 7)])
+def test_interpolate_pos_embed_is_pytorchs_bicubic(grid, new_grid):
+  # 16 -> 24 is ALBEF's 256 -> 384 px fine-tuning; shrinking too (no antialiasing in torch).
+  pos = np.random.default_rng(grid * new_grid).standard_normal((1, 1 + grid * grid, 8))
+  pos = pos.astype(np.float32)
+  got = vit.interpolate_pos_embed(pos, new_grid)
+  assert got.shape == (1, 1 + new_grid ** 2, 8) and got.dtype == np.float32
+  np.testing.assert_allclose(got, torch_resize_positions(pos, new_grid), atol=1e-5)
+  assert vit.interpolate_pos_embed(pos, grid) is pos
+  with pytest.raises(ValueError, match='not a square grid'):
+    vit.interpolate_pos_embed(pos[:, :-1], new_grid)
 
 
 @pytest.mark.parametrize('kw, match', [

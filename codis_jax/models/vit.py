@@ -3,7 +3,6 @@
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -121,18 +120,39 @@ class ViT(nn.Module):
     return layers.layer_norm(self.eps, self.dtype, 'norm')(x[:, :n])
 
 
-def interpolate_pos_embed(pos_embed, new_grid: int):
-  """Bicubic resize of the patch position grid (ALBEF's interpolate_pos_embed).
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of PyTorch's bicubic resize along one axis (`F.interpolate(...,
+  mode='bicubic', align_corners=False)`, what ALBEF's interpolate_pos_embed calls): Keys'
+  kernel with A = -0.75, half-pixel centres, taps beyond the edge clamped to it, and no
+  antialiasing. jax.image.resize's bicubic differs (A = -0.5; antialiased when shrinking)."""
+  a = -0.75
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1            # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a      # 1 < |x| < 2
+  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  first = np.floor(src).astype(np.int64)
+  t = src - first
+  taps = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+  m = np.zeros((n_out, n_in))
+  for k in range(4):
+    np.add.at(m, (np.arange(n_out), np.clip(first - 1 + k, 0, n_in - 1)), taps[:, k])
+  return m
 
-  pos_embed: [1, 1 + g*g, D] -> [1, 1 + new_grid**2, D]; the [CLS] position is kept.
+
+def interpolate_pos_embed(pos_embed, new_grid: int) -> np.ndarray:
+  """Bicubic resize of the patch position grid, as ALBEF's interpolate_pos_embed (PyTorch's
+  bicubic; see _bicubic_matrix). Runs on the host, in float64, when weights are loaded.
+
+  pos_embed: [1, 1 + g*g, D] -> [1, 1 + new_grid**2, D], same dtype; the [CLS] position is
+  kept.
   """
-  pos_embed = jnp.asarray(pos_embed)
+  pos_embed = np.asarray(pos_embed)
   n = pos_embed.shape[1] - 1
   g = int(round(np.sqrt(n)))
   if g * g != n:
     raise ValueError(f'position embedding has {n} patch positions, not a square grid')
   if g == new_grid:
     return pos_embed
-  grid = pos_embed[:, 1:].reshape(1, g, g, -1)
-  grid = jax.image.resize(grid, (1, new_grid, new_grid, grid.shape[-1]), 'bicubic')
-  return jnp.concatenate([pos_embed[:, :1], grid.reshape(1, new_grid * new_grid, -1)], 1)
+  m = _bicubic_matrix(g, new_grid)
+  grid = pos_embed[0, 1:].reshape(g, g, -1).astype(np.float64)
+  grid = np.einsum('ai,bj,ijd->abd', m, m, grid).reshape(1, new_grid * new_grid, -1)
+  return np.concatenate([pos_embed[:, :1], grid.astype(pos_embed.dtype)], 1)
