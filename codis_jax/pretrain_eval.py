@@ -38,7 +38,8 @@ def retrieval_set(config):
   if key not in _SETS:
     dc = loop.data_config(config)
     rset = data_lib.load_retrieval_set(config.eval.data or dc, config.model.image_size,
-                                       config.text_len, dc.get('tokenizer', ''))
+                                       config.text_len, dc.get('tokenizer', ''),
+                                       dc.get('text_sep'))
     data_sets.check_vocab(rset.text_ids, config.model.vocab_size)
     _SETS[key] = retrieval.subset(rset, config.eval.get('max_images') or None)
   return _SETS[key]

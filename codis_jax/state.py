@@ -116,13 +116,20 @@ def learning_rate_schedule(optim_config, total_steps: int):
       decay_steps=max(total_steps, c.warmup_steps + 1), end_value=c.min_lr)
 
 
+def _decays(path, leaf) -> bool:
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return leaf.ndim != 1 and not (names and str(names[-1]).endswith('bias'))
+
+
 def make_optimizer(optim_config, total_steps: int):
-  """AdamW; like ALBEF (timm's optimiser factory), no decay on biases, norms, temperature."""
+  """AdamW with ALBEF's weight-decay groups (timm's add_weight_decay): no decay on 1-D
+  leaves (LayerNorm scales, biases) and on anything named bias (the per-head [H, D] q/k/v
+  biases too); the rest decays, the 0-D temperature included, as in ALBEF."""
   c = optim_config
   mu_dtype = c.get('mu_dtype', 'float32')
   if mu_dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.optim.mu_dtype={mu_dtype!r}: choose 'float32' or 'bfloat16'")
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
   # mu_dtype='bfloat16' stores the first moment in bf16, 2 bytes less per parameter read
   # and written each step (as big_vision's and MaxText's option). optax computes
   # b1 * mu + (1 - b1) * g and updates with it before storing it rounded; b1 goes in as a

@@ -7,7 +7,8 @@ Variants (Table 4/5 of the paper are one flag each):
   paper            the paper's settings (default)
   demo             bundled emoji data, a model small enough for 2 CPU cores
   tiny             the smallest model; used by tests and the CPU benchmark
-  cross_only       ablation: i2t/t2i alignment only, no codebook (ALBEF-style ITC)
+  cross_only       ablation: i2t/t2i alignment only, no codebook (ALBEF's ITC: the mean of
+                   the two terms, as ALBEF's loss_ita)
   intra_cross      ablation: intra + cross alignment, no codebook
   codebook_student ablation: transport plans from student (not teacher) features
   codebook_500     ablation: 500 codewords (any size: --config.model.codebook_size=N)
@@ -151,7 +152,7 @@ def _data(name: str) -> ml_collections.ConfigDict:
   not the data config itself, so that reading this file never imports TensorFlow."""
   ph = config_dict.placeholder
   fields = dict(train=str, test=str, retrieval=str, data_dir=str, tokenizer=str,
-                auto_prepare=bool, max_words=int, crop_scale_min=float,
+                text_sep=bool, auto_prepare=bool, max_words=int, crop_scale_min=float,
                 crop_scale_max=float, randaug_ops=int, randaug_magnitude=int,
                 shuffle_buffer=int, cycle_length=int, prefetch=int, num_threads=int,
                 workers=int)
@@ -216,6 +217,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _ablation(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   if name == 'cross_only':
     c.loss.ica_terms, c.loss.use_codebook = 'i2t,t2i', False
+    c.loss.ica_reduction = 'mean'  # ALBEF: loss_ita = (loss_i2t + loss_t2i) / 2
   elif name == 'intra_cross':
     c.loss.use_codebook = False
   elif name == 'codebook_student':

@@ -17,6 +17,7 @@ def test_hardware_variant_composes_in_any_order(spec):
   assert (c.model.dtype, c.model.attention_impl, c.model.pad_image_tokens,
           c.model.pad_text_tokens, c.model.weight_copy) == ('bfloat16', 'cudnn', 8, 2, True)
   assert c.loss.ica_terms == 'i2t,t2i' and not c.loss.use_codebook
+  assert c.loss.ica_reduction == 'mean'  # ALBEF's loss_ita = (i2t + t2i) / 2
   # Only `model` performance keys and the data workers differ from the paper's settings.
   paper, tpu = pretrain.get_config('cross_only'), pretrain.get_config('tpu')
   assert c.data.workers == 8 and tpu.data.workers == 32 and paper.data.workers is None

@@ -38,8 +38,7 @@ def test_batch_contract(tmp_path):
   assert b['image_id'].shape == (8,) and b['image_id'].dtype == np.int32
   assert b['image'].std() > 10  # real pixels, not a blank
   assert np.all(b['text_ids'][:, 0] == 101)  # [CLS]
-  lengths = b['text_mask'].sum(1)
-  assert np.all(b['text_ids'][np.arange(8), lengths - 1] == 102)  # [SEP]
+  assert not np.any(b['text_ids'] == 102)  # no [SEP]: ALBEF's format (data.text_sep=False)
   assert np.all((b['text_ids'] == 0) == (b['text_mask'] == 0))
   assert np.all(b['text_mask'][:, :-1] >= b['text_mask'][:, 1:])  # no holes
   # Captions of one image share its image_id.
@@ -49,26 +48,42 @@ def test_batch_contract(tmp_path):
   assert all(len(v) <= 2 for v in ids.values())
 
 
-def test_tokenisation_matches_hf(tmp_path):
+def albef_encoding(hf, text):
+  """ALBEF's tokenizer (models/tokenization_bert.py): [CLS] + word pieces, no [SEP],
+  truncated to L tokens, then padded."""
+  ids = [hf.cls_token_id] + hf(text, add_special_tokens=False)['input_ids'][:L - 1]
+  return (np.asarray(ids + [hf.pad_token_id] * (L - len(ids))),
+          np.asarray([1] * len(ids) + [0] * (L - len(ids))))
+
+
+@pytest.mark.parametrize('sep', [False, True])
+def test_tokenisation_matches_hf(tmp_path, sep):
   from transformers import BertTokenizerFast
   hf = BertTokenizerFast.from_pretrained(tokenize.default_tokenizer_dir())
   assert len(hf) == 30522
   texts = ['A man riding a wave on top of a surfboard.', "Two dogs' toys -- on/the grass!",
            'grinning face with big eyes', 'a photo of a t-shirt',
            ' '.join(f'word{i}' for i in range(40)), 'Café naïve façade — émoji 😀']
-  enc = tokenize.TextEncoder(L)
+
+  def ref(text):  # BERT's [CLS] ... [SEP] as HF encodes it, or ALBEF's
+    if sep:
+      r = hf(text, max_length=L, padding='max_length', truncation=True)
+      return np.asarray(r['input_ids']), np.asarray(r['attention_mask'])
+    return albef_encoding(hf, text)
+
+  enc = tokenize.TextEncoder(L, sep=sep)
   for t in texts:
-    ref = hf(tokenize.pre_caption(t), max_length=L, padding='max_length', truncation=True)
     ids, mask = enc(tokenize.pre_caption(t))
-    np.testing.assert_array_equal(ids, ref['input_ids'])
-    np.testing.assert_array_equal(mask, ref['attention_mask'])
+    want_ids, want_mask = ref(tokenize.pre_caption(t))
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
   # ... and through the whole pipeline (evaluation order = file order).
   cfg = data_config(write_json_set(str(tmp_path), n_images=6, caps_per_image=1))
+  cfg.text_sep = sep
   b = next(_pipe(cfg, batch=6, train=False))
-  ref = hf([tokenize.pre_caption(caption(i * 10)) for i in range(6)], max_length=L,
-           padding='max_length', truncation=True)
-  np.testing.assert_array_equal(b['text_ids'], ref['input_ids'])
-  np.testing.assert_array_equal(b['text_mask'], ref['attention_mask'])
+  want = [ref(tokenize.pre_caption(caption(i * 10))) for i in range(6)]
+  np.testing.assert_array_equal(b['text_ids'], [w[0] for w in want])
+  np.testing.assert_array_equal(b['text_mask'], [w[1] for w in want])
 
 
 def test_pre_caption_is_albefs():

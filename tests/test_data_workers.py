@@ -143,15 +143,22 @@ def test_worker_imports_neither_tensorflow_nor_jax():
   assert out.stdout.strip() == '[]'
 
 
-def test_text_encoder_pickles_to_the_same_tokenisation():
+@pytest.mark.parametrize('sep', [False, True])
+def test_text_encoder_pickles_to_the_same_tokenisation(sep):
   from transformers import BertTokenizerFast
   hf = BertTokenizerFast.from_pretrained(tokenize.default_tokenizer_dir())
-  enc = pickle.loads(pickle.dumps(tokenize.TextEncoder(L)))
+  enc = pickle.loads(pickle.dumps(tokenize.TextEncoder(L, sep=sep)))
   for text in ['a man riding a wave on top of a surfboard',
                ' '.join(f'word{i}' for i in range(40)), 'café naïve façade']:
-    ref = hf(text, max_length=L, padding='max_length', truncation=True)
+    if sep:  # BERT's [CLS] ... [SEP]
+      ref = hf(text, max_length=L, padding='max_length', truncation=True)
+      want, want_mask = ref['input_ids'], ref['attention_mask']
+    else:  # ALBEF's [CLS] ...
+      want = [hf.cls_token_id] + hf(text, add_special_tokens=False)['input_ids'][:L - 1]
+      want_mask = [1] * len(want) + [0] * (L - len(want))
+      want = want + [hf.pad_token_id] * (L - len(want))
     ids, mask = enc(text)
-    assert ids.tolist() == ref['input_ids'] and mask.tolist() == ref['attention_mask']
+    assert ids.tolist() == want and mask.tolist() == want_mask
   assert enc.vocab_size == 30522
 
 

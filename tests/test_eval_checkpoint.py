@@ -127,6 +127,18 @@ def test_explicit_cross_attention_is_the_models(pretrained):
   np.testing.assert_allclose(grouped[1], maps[2:5].mean(0))
 
 
+def test_caption_format_comes_from_the_checkpoint():
+  c = _config()
+  saved = lambda **data: ml_collections.ConfigDict({'model': c.model.to_dict(), 'data': data})
+  assert weights.text_sep_of(saved()) is True  # saved before data.text_sep: with [SEP]
+  assert weights.text_sep_of(saved(text_sep=None)) is False  # unset: the default
+  assert weights.text_sep_of(saved(text_sep=True)) is True
+  assert weights.effective_config(c, saved(text_sep=True)).data.text_sep is True
+  assert weights.effective_config(c, saved()).data.text_sep is True
+  c.data.text_sep = False  # named in the config: it wins, as data.tokenizer does
+  assert weights.effective_config(c, saved(text_sep=True)).data.text_sep is False
+
+
 def test_gradcam_command_writes_one_panel_per_word(pretrained, tmp_path, capsys):
   image, out = str(tmp_path / 'in.png'), str(tmp_path / 'out.png')
   Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3)).astype(

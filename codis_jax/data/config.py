@@ -18,6 +18,7 @@ def _base(**specs):
   c.retrieval = ''        # ALBEF retrieval JSON or a spec, for load_retrieval_set
   c.data_dir = ''         # '' = $CODIS_DATA_DIR or ~/.cache/codis_jax
   c.tokenizer = ''        # folder for BertTokenizerFast.from_pretrained; '' = bundled
+  c.text_sep = False      # captions as ALBEF's [CLS] text; True: BERT's [CLS] text [SEP]
   c.auto_prepare = True   # build the bundled sets (emoji, fashion_mnist) when missing
   c.max_words = 30        # ALBEF's pre_caption truncation
   c.crop_scale_min = 0.2  # RandomResizedCrop area range

@@ -77,7 +77,8 @@ class Pipeline:
     _maybe_prepare(specs, cfg)
     self._indexed, self._sharded = sources_lib.open_sources(specs, split, train, self._bad)
     self._offsets = np.cumsum([0] + [s.num_pairs for s in self._indexed])
-    encoder = tokenize.TextEncoder(text_len, cfg.get('tokenizer', ''))
+    encoder = tokenize.TextEncoder(text_len, cfg.get('tokenizer', ''),
+                                   sep=bool(cfg.get('text_sep')))
     aug_seed = int(np.random.SeedSequence([self.seed, process_index, 0]).generate_state(1)[0])
     work = workers_lib.RecordWork(
         encoder, image_size, train, aug_seed,

@@ -110,9 +110,12 @@ def _entries_from_spec(spec, data_dir, bad):
   return out
 
 
-def load_retrieval_set(data_config_or_path, image_size, text_len, tokenizer_dir=''):
+def load_retrieval_set(data_config_or_path, image_size, text_len, tokenizer_dir='',
+                       text_sep=None):
   """Reads a retrieval test set from a data config (its `retrieval` spec, else `test`),
-  a spec string ('json:FILE@ROOT' or 'prepared:NAME?split=test'), or an ALBEF JSON path."""
+  a spec string ('json:FILE@ROOT' or 'prepared:NAME?split=test'), or an ALBEF JSON path.
+  tokenizer_dir and text_sep (None: the data config's, else False) say how captions are
+  encoded (tokenize.TextEncoder)."""
   data_dir, max_words = '', 30
   if isinstance(data_config_or_path, str):
     spec = data_config_or_path
@@ -123,6 +126,7 @@ def load_retrieval_set(data_config_or_path, image_size, text_len, tokenizer_dir=
     spec = cfg.get('retrieval') or cfg.get('test')
     data_dir, max_words = cfg.get('data_dir', ''), cfg.get('max_words', 30)
     tokenizer_dir = tokenizer_dir or cfg.get('tokenizer', '')
+    text_sep = cfg.get('text_sep') if text_sep is None else text_sep
   bad = BadRecords()
   entries = _entries_from_spec(spec, data_dir, bad)
   if not entries:
@@ -133,7 +137,7 @@ def load_retrieval_set(data_config_or_path, image_size, text_len, tokenizer_dir=
     for c in caps:
       captions.append(tokenize.pre_caption(c, max_words))
       txt2img.append(i)
-  ids, mask = tokenize.TextEncoder(text_len, tokenizer_dir).batch(captions)
+  ids, mask = tokenize.TextEncoder(text_len, tokenizer_dir, sep=bool(text_sep)).batch(captions)
   per_image = [[captions[t] for t in ts] for ts in img2txt]
   return RetrievalSet(
       images=[e[0] for e in entries], image_ids=np.asarray([e[2] for e in entries], np.int32),

@@ -41,19 +41,27 @@ def load_hf_tokenizer(tokenizer_dir=''):
 
 
 class TextEncoder:
-  """caption -> (ids int32 [L], mask int32 [L]): [CLS] ... [SEP], 0-padded, truncated.
+  """caption -> (ids int32 [L], mask int32 [L]), 0-padded, truncated to L tokens in all.
+
+  sep=False (`data.text_sep`, the default): `[CLS] caption`, ALBEF's format (its
+  models/tokenization_bert.py adds no [SEP] to a single sentence, so L - 1 word pieces
+  fit). sep=True: BERT's `[CLS] caption [SEP]`, the same output as
+  `tok(text, max_length=L, padding='max_length', truncation=True)` (both tested).
 
   Calls the Rust backend with truncation/padding configured once, because the
   HF wrapper reconfigures shared state on every call, which is unsafe from the
-  several tf.data threads that call us. Same output as
-  `tok(text, max_length=L, padding='max_length', truncation=True)` (tested).
+  several tf.data threads that call us.
   """
 
-  def __init__(self, text_len, tokenizer_dir=''):
+  def __init__(self, text_len, tokenizer_dir='', sep=False):
+    from tokenizers import processors  # pylint: disable=import-outside-toplevel
     hf = load_hf_tokenizer(tokenizer_dir)
     self.text_len = text_len
     self.vocab_size = len(hf)
     self._backend = hf.backend_tokenizer.__class__.from_str(hf.backend_tokenizer.to_str())
+    if not sep:  # truncation counts the template's one special token
+      self._backend.post_processor = processors.TemplateProcessing(
+          single=f'{hf.cls_token} $A', special_tokens=[(hf.cls_token, hf.cls_token_id)])
     self._backend.enable_truncation(max_length=text_len)
     self._backend.enable_padding(length=text_len, pad_id=hf.pad_token_id,
                                  pad_token=hf.pad_token)

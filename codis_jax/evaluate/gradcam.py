@@ -170,17 +170,19 @@ def visualize(checkpoint, image_path, caption, out_path, *, layer=-1, params='st
   if image_size:
     model_config.image_size = image_size
   tokenizer = tokenizer or (saved.get('data') or {}).get('tokenizer') or ''
+  sep = weights.text_sep_of(saved)
   p = weights.adapt(weights.select(state, params), model_config)
   rgb = load_image(image_path, model_config.image_size)
-  encoder = tokenize.TextEncoder(min(text_len, model_config.max_positions), tokenizer)
+  encoder = tokenize.TextEncoder(min(text_len, model_config.max_positions), tokenizer, sep=sep)
   ids, mask = encoder(tokenize.pre_caption(caption, max_words=text_len))
   if ids.max() >= model_config.vocab_size:
     raise ValueError(f'token id {ids.max()} is outside the model vocabulary '
                      f'({model_config.vocab_size}): wrong --tokenizer for this checkpoint')
   maps, logit = gradcam(model_config, p, rgb, ids, mask, layer=layer)
   n = int(mask.sum())
-  tokens = tokenize.load_hf_tokenizer(tokenizer).convert_ids_to_tokens(ids[1:n - 1].tolist())
-  words, wmaps = word_maps(tokens, maps[1:n - 1])
+  end = n - 1 if sep else n  # the word pieces, without [CLS] (and [SEP])
+  tokens = tokenize.load_hf_tokenizer(tokenizer).convert_ids_to_tokens(ids[1:end].tolist())
+  words, wmaps = word_maps(tokens, maps[1:end])
   render(rgb, words, wmaps, out_path)
   log.info('Grad-CAM of %s (%s weights) on layer %s', where, params, layer)
   return words, logit

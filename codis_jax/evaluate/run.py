@@ -67,7 +67,8 @@ def evaluate_checkpoint(config, workdir) -> dict:
         params, model_config, data_dir=config.data.data_dir or '', template=z.template,
         max_images=config.eval.max_images, text_len=config.text_len, mesh=mesh,
         batch_size=config.eval.batch_size, use_itm=z.use_itm,
-        tokenizer=config.data.tokenizer or '', axis_rules=config.logical_axis_rules)
+        tokenizer=config.data.tokenizer or '', text_sep=bool(config.data.get('text_sep')),
+        axis_rules=config.logical_axis_rules)
     if primary:
       print('zero-shot Fashion-MNIST top-1: ' + ', '.join(
           f'{k.split("_")[-1].upper()} {v:.2f}%' for k, v in results.items()), flush=True)
@@ -86,7 +87,7 @@ def run(config, workdir):
 
 def evaluate_emoji(params, model_config, data_dir='', *, k_test=64, max_images=0,
                    text_len=30, batch_size=64, rerank_batch_size=None, rerank=True,
-                   mesh=None, tokenizer='', axis_rules=None) -> dict:
+                   mesh=None, tokenizer='', text_sep=False, axis_rules=None) -> dict:
   """Retrieval recall on the bundled emoji set's held-out test split (290 images, one
   caption each; prepared on first use). max_images > 0 keeps only the first N (CI-sized).
 
@@ -98,7 +99,7 @@ def evaluate_emoji(params, model_config, data_dir='', *, k_test=64, max_images=0
   from codis_jax import data as data_lib
   folder = data_lib.ensure_prepared('emoji', data_dir or None)
   rset = data_lib.load_retrieval_set(os.path.join(folder, 'test_retrieval.json'),
-                                     model_config.image_size, text_len, tokenizer)
+                                     model_config.image_size, text_len, tokenizer, text_sep)
   data_sets.check_vocab(rset.text_ids, model_config.vocab_size)
   rset = retrieval.subset(rset, max_images or None)
   return retrieval.retrieval_metrics(

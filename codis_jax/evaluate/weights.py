@@ -58,14 +58,26 @@ def with_model(config, model_config):
   return out
 
 
+def text_sep_of(saved_config) -> bool:
+  """Whether the checkpoint's captions ended in [SEP] (data.text_sep; unset = the data
+  config's default, False). A checkpoint from before that key was trained with [SEP]."""
+  data = saved_config.get('data') or {}
+  if 'text_sep' not in data:
+    return True
+  return bool(data['text_sep'])
+
+
 def effective_config(config, saved_config):
   """`config` with the checkpoint's model (model_config_for) and, unless config.data
-  names one, the tokenizer the checkpoint was trained with (its vocabulary must match)."""
+  names them, the tokenizer the checkpoint was trained with (its vocabulary must match)
+  and its caption format (data.text_sep)."""
   out = with_model(config, model_config_for(saved_config, config))
   saved_tokenizer = (saved_config.get('data') or {}).get('tokenizer')
-  if saved_tokenizer and not out.data.get('tokenizer'):
-    with out.unlocked():
+  with out.unlocked():
+    if saved_tokenizer and not out.data.get('tokenizer'):
       out.data.tokenizer = saved_tokenizer
+    if out.data.get('text_sep') is None:
+      out.data.text_sep = text_sep_of(saved_config)
   return out
 
 

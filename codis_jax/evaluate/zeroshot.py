@@ -53,7 +53,8 @@ def accuracy(predictions, labels) -> float:
 
 def evaluate_fashion_mnist(params, model_config, *, data_dir='', template=TEMPLATE,
                            max_images=0, text_len=30, mesh=None, batch_size=64,
-                           use_itm=False, tokenizer='', axis_rules=None) -> dict:
+                           use_itm=False, tokenizer='', text_sep=False,
+                           axis_rules=None) -> dict:
   """Top-1 zero-shot accuracy on the Fashion-MNIST test split (10,000 images; the bundled
   set is prepared on first use). -> {'zeroshot/top1_itc': %, ['zeroshot/top1_itm': %]}."""
   # pylint: disable=import-outside-toplevel
@@ -62,13 +63,13 @@ def evaluate_fashion_mnist(params, model_config, *, data_dir='', template=TEMPLA
   from codis_jax.evaluate import data_sets
   path = data_lib.ensure_prepared('fashion_mnist', data_dir or None)
   rset = data_lib.load_retrieval_set(f'prepared:{path}?split=test', model_config.image_size,
-                                     text_len, tokenizer)
+                                     text_len, tokenizer, text_sep)
   rset = retrieval.subset(rset, max_images or None)
   # The set's captions are its classes' prompts: they give the labels.
   prompts = [tokenize.pre_caption(p) for p in records.read_info(path)['prompts']]
   labels = np.asarray([prompts.index(caps[0]) for caps in rset.captions])
   texts = [tokenize.pre_caption(t) for t in class_texts(fashion_mnist.PROMPT_NAMES, template)]
-  ids, mask = tokenize.TextEncoder(text_len, tokenizer).batch(texts)
+  ids, mask = tokenize.TextEncoder(text_len, tokenizer, sep=text_sep).batch(texts)
   data_sets.check_vocab(ids, model_config.vocab_size)
   pred = predict(model_config, params, rset, ids, mask, mesh=mesh, batch_size=batch_size,
                  use_itm=use_itm, axis_rules=axis_rules)

@@ -13,6 +13,7 @@ One module, several methods; the train step calls them with `model.apply(..., me
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -122,7 +123,11 @@ class CODIS(nn.Module):
 
   def temperature(self):
     c = self.config
-    return jnp.clip(self.temp, c.temp_min, c.temp_max)
+    # ALBEF clamps the parameter in place and then uses it: the value is clamped, the
+    # gradient is the clamped value's, in full (jnp.clip alone would give 0 beyond the
+    # bounds and half at them, where the update's clamp leaves the parameter).
+    t = self.temp
+    return t + jax.lax.stop_gradient(jnp.clip(t, c.temp_min, c.temp_max) - t)
 
   def codebook(self):
     return self.codebook_weights
