@@ -1,7 +1,7 @@
 """cuDNN flash attention (`model.attention_impl=cudnn`) equals the softmax reference.
 
-GPU only: cuDNN has no CPU kernel, so on CPU (CI) these tests are skipped and the XLA
-path is covered by test_performance_modes.py. Run on a GPU with
+The cuDNN cases need a GPU (cuDNN has no CPU kernel) and are skipped elsewhere; the
+XLA cases of the forward test run on any backend. Run on a GPU with
 `python -m pytest tests/test_attention_gpu.py`. Shapes are the paper model's: ViT-B/16 at
 256 px (257 tokens), BERT text of 25 or 30 tokens with right padding, cross-attention of
 text over image tokens; 12 heads of 64. The odd lengths go through the padding of
@@ -17,8 +17,8 @@ import pytest
 from codis_jax.models import layers
 from test_performance_modes import _reference_attention
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu',
-                                reason='cuDNN attention needs a GPU')
+needs_gpu = pytest.mark.skipif(jax.default_backend() != 'gpu',
+                               reason='cuDNN attention needs a GPU')
 
 CASES = {  # name: (batch, query tokens, key tokens, key lengths or None)
     'vit_self': (4, 257, 257, None),
@@ -27,7 +27,7 @@ CASES = {  # name: (batch, query tokens, key tokens, key lengths or None)
 }
 
 
-@pytest.mark.parametrize('impl', ['cudnn', 'xla'])
+@pytest.mark.parametrize('impl', [pytest.param('cudnn', marks=needs_gpu), 'xla'])
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bf16_attention_equals_reference(case, impl):
   b, t, s, lengths = CASES[case]
@@ -57,6 +57,7 @@ GRAD_CASES = {  # the paper's training shapes, odd lengths included
 }
 
 
+@needs_gpu
 @pytest.mark.parametrize('case', sorted(GRAD_CASES))
 def test_bf16_cudnn_gradients_equal_xla(case):
   b, t, s, lengths = GRAD_CASES[case]
@@ -84,6 +85,7 @@ def _assert_cudnn_gradients_equal_xla(case, attend, qkv, cot):
     assert rel < 3e-2, f'{case} d{name}: relative error {rel:.3g} vs XLA (bf16: ~1e-2)'
 
 
+@needs_gpu
 def test_bf16_cudnn_slot_gradients_equal_xla():
   # The fusion's cross-attention with share_image_kv (layers.slot_attention): 4 rows per
   # image, 3 joined along the query axis (75 queries, padded to 76), 1 gathered.

@@ -165,23 +165,115 @@ def test_randaugment_deterministic_in_rng_and_in_range():
   changed = sum(not np.array_equal(o, x) for o in outs)
   assert 3 <= changed <= 12  # each of 2 ops applies with p=0.5 (and may be Identity)
   np.testing.assert_array_equal(ra.randaugment(x, np.random.default_rng(1), prob=0.0), x)
-  # The ops run in the sampled order on the image: replay them by hand.
-  for s in range(6):
-    want = x
-    for name, sign in ra.sample_ops(np.random.default_rng(s)):
-      want = ra.apply_op(want, name, 7.0, sign)
-    np.testing.assert_array_equal(ra.randaugment(x, np.random.default_rng(s)), want)
 
 
-def test_crop_box_follows_torchvision():
+def _brightness(img):  # ALBEF's table at magnitude 7, in float64
+  return np.floor(np.clip(img.astype(np.float64) * FACTOR, 0, 255)).astype(np.uint8)
+
+
+def _equalize(img):
+  return np.asarray(ImageOps.equalize(Image.fromarray(img)))
+
+
+def _frequencies(outs, candidates):
+  """Which candidate each output equals (exactly one), as frequencies."""
+  hits = [[np.array_equal(o, c) for c in candidates.values()] for o in outs]
+  assert all(sum(h) == 1 for h in hits)
+  return dict(zip(candidates, np.mean(hits, axis=0)))
+
+
+def _assert_frequencies(got, want, n):
+  for k, p in want.items():  # 4 binomial standard errors
+    assert abs(got[k] - p) <= 4 * np.sqrt(p * (1 - p) / n), (k, got[k], p)
+
+
+def test_randaugment_composes_two_uniform_ops():
+  """Two ops drawn uniformly with replacement, the second applied to the first's output:
+  with {Brightness, Equalize} (which do not commute) each of the 4 ordered compositions,
+  from PIL / numpy, 1/4 of the time. (Which draw goes first is not observable: the two
+  draws are alike.)"""
+  x, n, rng = _photo(32, 32), 2000, np.random.default_rng(0)
+  b, e = _brightness, _equalize
+  candidates = {'BB': b(b(x)), 'EE': e(e(x)), 'B then E': e(b(x)), 'E then B': b(e(x))}
+  outs = [ra.randaugment(x, rng, ops=('Brightness', 'Equalize'), prob=1.0)
+          for _ in range(n)]
+  _assert_frequencies(_frequencies(outs, candidates), dict.fromkeys(candidates, 0.25), n)
+
+
+def test_randaugment_keeps_each_op_with_probability_one_half():
+  """ALBEF's RandomAugment(2, 7): each op applied with p = 0.5, so 0, 1 or 2 of them with
+  p = 1/4, 1/2, 1/4."""
+  x, n, rng = _photo(32, 32), 2000, np.random.default_rng(0)
+  candidates = {0: x, 1: _brightness(x), 2: _brightness(_brightness(x))}
+  outs = [ra.randaugment(x, rng, ops=('Brightness',)) for _ in range(n)]
+  _assert_frequencies(_frequencies(outs, candidates), {0: 0.25, 1: 0.5, 2: 0.25}, n)
+
+
+def _torchvision_crops(rng, width, height, n, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+  """n draws of torchvision's RandomResizedCrop.get_params, from its documented algorithm:
+  up to 10 tries of area ~ U(scale) x image area, log aspect ~ U(log ratio), sides
+  rounded, kept if they fit, offsets uniform; else the central crop, ratio clamped.
+  -> (left, top, w, h) int arrays."""
+  w, h, left, top = (np.zeros(n, np.int64) for _ in range(4))
+  done = np.zeros(n, bool)
+  for _ in range(10):
+    area = width * height * rng.uniform(scale[0], scale[1], n)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
+    tw, th = np.rint(np.sqrt(area * aspect)), np.rint(np.sqrt(area / aspect))  # half-even
+    ok = ~done & (tw > 0) & (tw <= width) & (th > 0) & (th <= height)
+    w[ok], h[ok] = tw[ok], th[ok]
+    left[ok] = np.floor(rng.uniform(size=n) * (width - tw + 1))[ok]
+    top[ok] = np.floor(rng.uniform(size=n) * (height - th + 1))[ok]
+    done |= ok
+  fw, fh = width, height
+  if width / height < ratio[0]:
+    fh = round(width / ratio[0])
+  elif width / height > ratio[1]:
+    fw = round(height * ratio[1])
+  w[~done], h[~done], left[~done], top[~done] = fw, fh, (width - fw) // 2, (height - fh) // 2
+  return left, top, w, h
+
+
+def _assert_same_distribution(name, got, ref):
+  """got: n draws, ref: m >> n draws of the reference. Means within 4 standard errors, and
+  at the reference's deciles/quartiles, P(x <= q) within 4 binomial standard errors."""
+  n, m = len(got), len(ref)
+  se = np.sqrt(ref.var() * (1 / n + 1 / m))
+  assert abs(got.mean() - ref.mean()) <= 4 * se, (name, got.mean(), ref.mean(), se)
+  for q in np.quantile(ref, (0.1, 0.25, 0.5, 0.75, 0.9)):
+    p, p_got = np.mean(ref <= q), np.mean(got <= q)
+    assert abs(p_got - p) <= 4 * np.sqrt(p * (1 - p) * (1 / n + 1 / m)), (name, q, p_got, p)
+
+
+@pytest.mark.parametrize('width,height', [(64, 48), (30, 100)])
+def test_crop_box_follows_torchvision(width, height):
+  """2000 boxes against 200000 of the reference above. 64x48: every draw fits within 10
+  tries; 30x100: ~21% take the 30x40 fallback."""
   rng = np.random.default_rng(0)
-  for _ in range(200):
-    left, top, right, bottom = transforms.crop_box(rng, 64, 48)
-    w, h = right - left, bottom - top
-    assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
-    assert 0.2 * 0.9 <= w * h / (64 * 48) <= 1.0 and 0.7 <= w / h <= 1.4
+  boxes = np.array([transforms.crop_box(rng, width, height) for _ in range(2000)])
+  left, top, right, bottom = boxes.T
+  w, h = right - left, bottom - top
+  assert np.all((0 <= left) & (left < right) & (right <= width))
+  assert np.all((0 <= top) & (top < bottom) & (bottom <= height))
+  assert np.all(w * h >= 0.2 * 0.9 * width * height)  # scale >= 0.2, less rounding
+  assert np.all((0.7 <= w / h) & (w / h <= 1.4))  # 3/4 and 4/3, give or take rounding
+  ref_left, ref_top, ref_w, ref_h = _torchvision_crops(np.random.default_rng(1), width,
+                                                       height, 200_000)
+  _assert_same_distribution('area', w * h / (width * height),
+                            ref_w * ref_h / (width * height))
+  _assert_same_distribution('log aspect', np.log(w / h), np.log(ref_w / ref_h))
+  # Offsets: where the box can move, its position over the free span.
+  for name, off, free, ref_off, ref_free in (('left', left, width - w, ref_left, width - ref_w),
+                                            ('top', top, height - h, ref_top, height - ref_h)):
+    _assert_same_distribution(name, off[free > 0] / free[free > 0],
+                              ref_off[ref_free > 0] / ref_free[ref_free > 0])
+
+
+def test_crop_box_falls_back_to_the_central_crop():
   # No crop of a 1000x10 strip has an allowed ratio: the clamped centre crop.
+  rng = np.random.default_rng(0)
   assert transforms.crop_box(rng, 1000, 10) == (493, 0, 506, 10)  # w = round(10 * 4/3)
+  assert transforms.crop_box(rng, 10, 1000) == (0, 493, 10, 506)  # h = round(10 * 4/3)
 
 
 def test_load_pixels_and_train_pixels():

@@ -13,6 +13,8 @@ from codis_jax.evaluate import retrieval
 from codis_jax.evaluate import zeroshot
 from codis_jax.models import codis
 from conftest import make_batch
+from test_eval_metrics import _reference as reference_recall
+from test_eval_metrics import _reference_rank as reference_rank
 
 CAPTIONS = [2, 3, 1, 2, 4, 2, 1, 3, 2, 2, 3, 1, 2, 2, 3, 1]  # 16 images, 34 texts
 
@@ -76,14 +78,41 @@ def test_rerank_changes_only_the_topk_and_uses_the_itm_score(setup, reference):
     outside = itc_r >= k
     np.testing.assert_array_equal(re_r[outside], itc_r[outside])
     assert np.all(re_r[~outside] < k)
-  # ... and inside the top-k the order is the ITM one: the reference from the definition.
-  want = metrics.retrieval_recall(np.where(np.isfinite(s.i2t), itm, -np.inf),
-                                  np.where(np.isfinite(s.t2i), itm.T, -np.inf),
-                                  rset.img2txt, rset.txt2img,
-                                  tiebreak_i2t=sims, tiebreak_t2i=sims.T)
-  got = retrieval.recall_from_scores(s, rset)
+  # ... and inside the top-k the order is the ITM one. From the definition
+  # (test_eval_metrics.py): ITM scores on the reference ITC top-k, -inf elsewhere, ties
+  # broken by the ITC similarity, then counted against the query.
+  def reranked(ref_sims, ref_itm):
+    out = np.full_like(ref_itm, -np.inf)
+    for row, top in enumerate(np.argsort(-ref_sims, axis=1, kind='stable')[:, :k]):
+      out[row, top] = ref_itm[row, top]
+    return out
+  want_i2t, want_t2i = reranked(sims, itm), reranked(sims.T, itm.T)
+  want_tr = [reference_rank(want_i2t[i], sims[i], set(rset.img2txt[i]))
+             for i in range(len(sims))]
+  want_ir = [reference_rank(want_t2i[t], sims.T[t], {rset.txt2img[t]})
+             for t in range(len(sims.T))]
+  np.testing.assert_array_equal(re_tr, want_tr)
+  np.testing.assert_array_equal(re_ir, want_ir)
+  assert np.any(re_tr != itc_tr) and np.any(re_ir != itc_ir)  # ITM did reorder
+  _check_recall(s, rset, sims, want_i2t, want_t2i)
+  # At k=3 the re-ranking leaves R@1/5/10 as ITC's here; with ITM on every pair they
+  # differ, and recall_from_scores must report the ITM matrices' recall.
+  full = retrieval.Scores(s.sims, itm, itm.T)
+  got = _check_recall(full, rset, sims, itm, itm.T)
+  assert any(got[key] != got['itc/' + key[4:]] for key in got if key.startswith('itm/'))
+
+
+def _check_recall(scores, rset, sims, i2t, t2i):
+  """recall_from_scores against the reference of test_eval_metrics.py."""
+  want = {f'itc/{key}': v for key, v in reference_recall(
+      sims, sims.T, rset.img2txt, rset.txt2img).items()}
+  want.update({f'itm/{key}': v for key, v in reference_recall(
+      i2t, t2i, rset.img2txt, rset.txt2img, sims, sims.T).items()})
+  got = retrieval.recall_from_scores(scores, rset)
+  assert got.keys() == want.keys()
   for key, value in want.items():
-    assert got[f'itm/{key}'] == pytest.approx(value)
+    assert got[key] == pytest.approx(value), key
+  return got
 
 
 def test_k_larger_than_the_set_rescores_everything(setup):
