@@ -63,9 +63,14 @@ def test_decode_rejects_corrupt_and_drafts_large_jpegs():
   big = _encode(Image.fromarray(_photo(1500, 2000)), 'JPEG')
   train = transforms.decode_image(big, image_size=256, train=True)
   evaluation = transforms.decode_image(big, image_size=256, train=False)
-  assert train.shape == (750, 1000, 3)   # halved: still >= 256 / 0.44 on both sides
+  assert train.shape == (750, 1000, 3)   # halved: still >= 256 / sqrt(0.2 * 3/4) = 662
   assert evaluation.shape == (375, 500, 3)  # quartered: still >= 256
   assert transforms.decode_image(big).shape == (1500, 2000, 3)
+  # The smallest crop (area 0.2, aspect 3/4) keeps >= 256 px per side: not halved here
+  # (600 px would leave it 232 px, upsampled by the resize).
+  side = transforms.decode_image(_encode(Image.fromarray(_photo(1200, 1200)), 'JPEG'),
+                                 image_size=256, train=True).shape[0]
+  assert side == 1200 and (0.2 * 3 / 4) ** 0.5 * side >= 256
 
 
 LEVEL = 7 / 10  # ALBEF's magnitude 7 of MAX_LEVEL 10

@@ -20,24 +20,23 @@ import numpy as np
 from PIL import Image
 
 from codis_jax.data.randaugment import randaugment
-# Random resized crops keep at least this fraction of the side (sqrt(0.2) ~ 0.447), so
-# a JPEG may be decoded at reduced scale while every crop keeps >= image_size pixels.
-_MIN_SIDE = 0.44
+_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range
 
 
-def _open(data, image_size, train):
+def _open(data, image_size, min_side=1.0):
   """Encoded bytes -> PIL RGB image. Raises on corrupt data.
 
   Transparent images are composited on white (ALBEF's convert('RGB') would keep the
   hidden colour, usually black). With image_size > 0, large JPEGs are decoded at a
-  reduced DCT scale that still leaves every crop at full resolution.
+  reduced DCT scale (PIL's draft: 1/2, 1/4 or 1/8) that still leaves the resize a source
+  of >= image_size pixels per side: min_side is the smallest crop side as a fraction of
+  the image's shorter side (1 for the test-time resize).
   """
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # PIL warns on odd EXIF/ICC data; not our concern
     img = Image.open(io.BytesIO(data))
     if image_size and img.format == 'JPEG':
-      want = int(image_size / _MIN_SIDE) + 1 if train else image_size
-      img.draft('RGB', (want, want))
+      img.draft('RGB', (math.ceil(image_size / min_side),) * 2)
     img.load()
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
       img = img.convert('RGBA')
@@ -48,10 +47,16 @@ def _open(data, image_size, train):
 
 def decode_image(data, image_size=0, train=False):
   """Encoded bytes -> uint8 [H, W, 3] RGB, at full size (or JPEG-draft size)."""
-  return np.asarray(_open(data, image_size, train), dtype=np.uint8)
+  return np.asarray(_open(data, image_size, _min_side(train)), dtype=np.uint8)
 
 
-def crop_box(rng, width, height, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def _min_side(train, scale_min=0.2):
+  """A crop of area fraction >= scale_min and aspect >= 3/4 has sides of at least
+  sqrt(scale_min * 3/4) of the shorter image side (0.387 at ALBEF's 0.2)."""
+  return math.sqrt(scale_min * _RATIO[0]) if train else 1.0
+
+
+def crop_box(rng, width, height, scale=(0.2, 1.0), ratio=_RATIO):
   """torchvision RandomResizedCrop.get_params: (left, top, right, bottom)."""
   area = width * height
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -78,7 +83,7 @@ def crop_box(rng, width, height, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
 def load_pixels(data, image_size, rng=None, scale=(0.2, 1.0)):
   """Encoded bytes -> uint8 [S, S, 3]: ALBEF's RandomResizedCrop(S, scale, bicubic) when
   `rng` (a numpy Generator) is given, else its test-time Resize((S, S), bicubic)."""
-  img = _open(data, image_size, train=rng is not None)
+  img = _open(data, image_size, _min_side(rng is not None, scale[0]))
   box = crop_box(rng, img.width, img.height, scale) if rng is not None else None
   img = img.resize((image_size, image_size), Image.BICUBIC, box=box)
   return np.asarray(img, dtype=np.uint8)
