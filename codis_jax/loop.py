@@ -228,8 +228,8 @@ def train(config, workdir, evaluate=None) -> Result:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.jax_cache_dir))
   mesh, ckpt, start, extra, data, total = open_run(config, workdir, make_data)
   spe = data.steps_per_epoch
-  tx = state_lib.make_optimizer(config.optim, total)
-  lr_schedule = state_lib.learning_rate_schedule(config.optim, total)
+  tx = state_lib.make_optimizer(config.optim, total, spe)
+  lr_schedule = state_lib.learning_rate_schedule(config.optim, total, spe)
   rng_init, rng = jax.random.split(jax.random.key(config.seed))
   if extra:
     rng = jax.random.wrap_key_data(np.asarray(extra['rng'], np.uint32))

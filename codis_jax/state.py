@@ -108,12 +108,42 @@ def ema_update(teacher, student, momentum):
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
-def learning_rate_schedule(optim_config, total_steps: int):
-  """Linear warm-up warmup_lr -> lr over warmup_steps, then cosine to min_lr at total_steps."""
+SCHEDULES = ('cosine', 'albef_epochs')
+ALBEF_WARMUP_STAIR = 100  # ALBEF steps its warm-up every step_size = 100 iterations
+
+
+def learning_rate_schedule(optim_config, total_steps: int, steps_per_epoch: int = 0):
+  """step -> learning rate, by optim.schedule:
+
+  'cosine' (the paper's): linear warm-up warmup_lr -> lr over warmup_steps, then a per-step
+  cosine to min_lr at total_steps.
+  'albef_epochs' (ALBEF's code: timm's CosineLRScheduler with a warm-up prefix, stepped
+  each epoch): in epoch 0, stairs every 100 steps from warmup_lr towards lr over
+  warmup_steps, then lr; epoch e >= 1 has min_lr + (lr - min_lr)(1 + cos(pi e / E)) / 2,
+  E = total_steps / steps_per_epoch, and min_lr from epoch E on. steps_per_epoch=0 (tools
+  that never train: bench, the scaling report) takes the run as one epoch; the training
+  and fine-tuning programs pass the data's.
+  """
   c = optim_config
-  return optax.warmup_cosine_decay_schedule(
-      init_value=c.warmup_lr, peak_value=c.lr, warmup_steps=c.warmup_steps,
-      decay_steps=max(total_steps, c.warmup_steps + 1), end_value=c.min_lr)
+  schedule = c.get('schedule', 'cosine')
+  if schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=c.warmup_lr, peak_value=c.lr, warmup_steps=c.warmup_steps,
+        decay_steps=max(total_steps, c.warmup_steps + 1), end_value=c.min_lr)
+  if schedule != 'albef_epochs':
+    raise ValueError(f'config.optim.schedule={schedule!r}: choose from {SCHEDULES}')
+  steps_per_epoch = steps_per_epoch if steps_per_epoch > 0 else max(total_steps, 1)
+  stairs = c.warmup_steps // ALBEF_WARMUP_STAIR
+  epochs = max(total_steps / steps_per_epoch, 1.0)
+
+  def lr(step):
+    epoch, stair = step // steps_per_epoch, step // ALBEF_WARMUP_STAIR
+    warm = c.warmup_lr + stair * (c.lr - c.warmup_lr) / max(stairs, 1)
+    first = jnp.where(stair < stairs, warm, c.lr)
+    t = jnp.minimum(epoch, epochs)
+    later = c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + jnp.cos(jnp.pi * t / epochs))
+    return jnp.where(epoch == 0, first, later)
+  return lr
 
 
 def _decays(path, leaf) -> bool:
@@ -121,7 +151,7 @@ def _decays(path, leaf) -> bool:
   return leaf.ndim != 1 and not (names and str(names[-1]).endswith('bias'))
 
 
-def make_optimizer(optim_config, total_steps: int):
+def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int = 0):
   """AdamW with ALBEF's weight-decay groups (timm's add_weight_decay): no decay on 1-D
   leaves (LayerNorm scales, biases) and on anything named bias (the per-head [H, D] q/k/v
   biases too); the rest decays, the 0-D temperature included, as in ALBEF."""
@@ -136,7 +166,8 @@ def make_optimizer(optim_config, total_steps: int):
   # float32 scalar, since a Python float times a bf16 moment is a bf16 product, with b1
   # itself rounded to bf16 (0.9 -> 0.8984: a moment 1.6% short of the gradients' mean).
   b1 = np.float32(c.b1) if mu_dtype == 'bfloat16' else c.b1
-  adamw = optax.adamw(learning_rate_schedule(c, total_steps), b1=b1, b2=c.b2, eps=c.eps,
+  adamw = optax.adamw(learning_rate_schedule(c, total_steps, steps_per_epoch), b1=b1,
+                      b2=c.b2, eps=c.eps,
                       weight_decay=c.weight_decay, mask=decay_mask, mu_dtype=jnp.dtype(mu_dtype))
   if c.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adamw)

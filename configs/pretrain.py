@@ -99,6 +99,7 @@ def _paper() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_steps=1000,
+      schedule='cosine',  # the paper's per-step cosine; 'albef_epochs': ALBEF's code
       weight_decay=0.02, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0,
       mu_dtype='float32',
   ))

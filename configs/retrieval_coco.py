@@ -50,8 +50,10 @@ def retrieval_config(dataset: str, arg: str | None = None) -> ml_collections.Con
   c.total_steps = 0
   if paper:
     c.batch_size = 256                # ALBEF: 32 per GPU x 8 GPUs
+    c.loss.itm_group_size = 32        # hard negatives from each GPU's 32, as ALBEF
+  # ALBEF's schedule (timm's cosine stepped per epoch; warm-up lr = lr: epoch 0 at 1e-5).
   c.optim.update(dict(lr=1e-5, warmup_lr=1e-5, min_lr=1e-6, warmup_steps=0,
-                      weight_decay=0.02))
+                      weight_decay=0.02, schedule='albef_epochs'))
   c.loss.update(dict(alpha=0.4, alpha_warmup_epochs=1.0))
   c.data.crop_scale_min = 0.5         # ALBEF's retrieval RandomResizedCrop(scale=(0.5, 1))
   c.retrieval = ml_collections.ConfigDict(dict(

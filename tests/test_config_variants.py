@@ -26,6 +26,10 @@ def test_hardware_variant_composes_in_any_order(spec):
   assert (tpu.model.dtype, tpu.model.attention_impl) == ('bfloat16', 'pallas')
   # The fine-tuning configs take the pretraining variants.
   assert retrieval_coco.get_config('tiny,gpu').model.attention_impl == 'cudnn'
+  # ALBEF's fine-tuning: timm's per-epoch cosine; hard negatives from 32 per GPU.
+  r = retrieval_coco.get_config()
+  assert r.optim.schedule == 'albef_epochs' and r.loss.itm_group_size == 32
+  assert r.batch_size == 256 and pretrain.get_config().optim.schedule == 'cosine'
 
 
 def test_unknown_variant_names_the_choices():

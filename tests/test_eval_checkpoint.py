@@ -173,6 +173,30 @@ def test_evaluate_checkpoint_and_emoji(pretrained, tmp_path):
     run.evaluate_checkpoint(c, str(tmp_path))
 
 
+def test_finetuning_starts_from_the_checkpoints_queues(pretrained):
+  """As ALBEF's load_state_dict(strict=False): queues and pointer from the checkpoint, ids
+  NO_ID (pretraining's features are never positives); random queues if shapes differ."""
+  from codis_jax.evaluate import finetune, finetune_step  # pylint: disable=import-outside-toplevel
+  state, saved, _ = weights.load(pretrained)
+  c = weights.effective_config(_config(), saved)
+  b, q = c.batch_size, c.queue_size
+  state = {**state, 'queue_ptr': np.int32(q - b)}
+  tx = state_lib.make_optimizer(c.optim, 10, 5)
+  st = jax.jit(lambda r, qs: finetune_step.initial_state(c, tx, r, queues=qs))(
+      jax.random.key(1), finetune.saved_queues(state, c))
+  np.testing.assert_array_equal(st.image_queue, state['image_queue'])
+  np.testing.assert_array_equal(st.text_queue, state['text_queue'])
+  assert int(st.queue_ptr) == q - b and np.all(np.asarray(st.idx_queue) == finetune_step.NO_ID)
+  fresh = finetune_step.initial_state(c, tx, jax.random.key(1))
+  assert not np.allclose(fresh.image_queue, state['image_queue'])  # the test can tell
+  # A fine-tuning checkpoint's ids come along; a pointer off the batch grid restarts at 0.
+  ids = np.arange(q, dtype=np.int32)
+  got = finetune.saved_queues({**state, 'idx_queue': ids, 'queue_ptr': np.int32(1)}, c)
+  assert got[2] == 0 and got[3] is ids
+  c.queue_size = 2 * q
+  assert finetune.saved_queues(state, c) is None
+
+
 def test_finetune_on_emoji_raises_heldout_recall(pretrained_small, tmp_path):
   """The fine-tuning command, 300 steps on the emoji train split (3,244 pairs), evaluated
   on the held-out test split (290 emoji never seen in training) before and after.

@@ -47,17 +47,35 @@ def state_shardings(config, tx, mesh):
 
 
 def _pretrained(config):
-  """-> (effective config, params or None, ema params or None)."""
+  """-> (effective config, params or None, ema params or None, queues or None)."""
   path = config.finetune.checkpoint
   if not path:
     log.warning('config.finetune.checkpoint is empty: fine-tuning from a RANDOM init')
-    return config, None, None
+    return config, None, None, None
   state, saved, where = weights.load(path)
   config = weights.effective_config(config, saved)
   log.info('fine-tuning from %s', where)
   ema = state.get('ema_params') or None
   return (config, weights.adapt(state['params'], config.model),
-          weights.adapt(ema, config.model) if ema else None)
+          weights.adapt(ema, config.model) if ema else None, saved_queues(state, config))
+
+
+def saved_queues(state, config):
+  """The checkpoint's queues, pointer and (a fine-tuning checkpoint's) ids, as ALBEF's
+  load_state_dict(strict=False) takes them; None (random queues) where the shapes differ
+  from the config's."""
+  want = (config.queue_size, config.model.embed_dim)
+  image, text = state.get('image_queue'), state.get('text_queue')
+  if image is None or text is None or image.shape != want or text.shape != want:
+    log.info('fine-tuning starts from random queues: the checkpoint has %s, the config %s',
+             None if image is None else image.shape, want)
+    return None
+  ptr = int(state.get('queue_ptr', 0))
+  if ptr % config.batch_size:  # the pointer must advance in whole global batches
+    ptr = 0
+  ids = state.get('idx_queue')
+  ids = ids if ids is not None and ids.shape == want[:1] else None
+  return image, text, ptr, ids
 
 
 def _evaluate(config, state, mesh, sets, step, writer):
@@ -82,12 +100,12 @@ def _evaluate(config, state, mesh, sets, step, writer):
 def finetune(config, workdir) -> dict:
   """Runs the fine-tuning; -> {'step': last step, 'eval': {step: metrics}}."""
   primary = jax.process_index() == 0
-  config, params, ema = _pretrained(config)
+  config, params, ema, queues = _pretrained(config)
   mesh, ckpt, start, extra, data, total = loop.open_run(
       config, workdir, data_sets.train_pipeline)
   spe = data.steps_per_epoch
-  tx = state_lib.make_optimizer(config.optim, total)
-  lr = state_lib.learning_rate_schedule(config.optim, total)
+  tx = state_lib.make_optimizer(config.optim, total, spe)
+  lr = state_lib.learning_rate_schedule(config.optim, total, spe)
   abstract, shardings = state_shardings(config, tx, mesh)
   rng_init, rng = jax.random.split(jax.random.key(config.seed))
   with sharding.mesh_context(mesh, config):
@@ -98,9 +116,9 @@ def finetune(config, workdir) -> dict:
       state = loop.rebuild_weight_copy(ckpt.restore_state(start, target, config), config,
                                        shardings)
     else:
-      state = jax.jit(lambda r, p, e: finetune_step.initial_state(config, tx, r, p, e),
-                      out_shardings=shardings)(rng_init, params, ema)
-  del params, ema
+      state = jax.jit(lambda r, p, e, q: finetune_step.initial_state(config, tx, r, p, e, q),
+                      out_shardings=shardings)(rng_init, params, ema, queues)
+  del params, ema, queues
   replicated = NamedSharding(mesh, P())
   step_fn = jax.jit(finetune_step.make_finetune_step(config, tx, spe, lr),
                     in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),

@@ -50,15 +50,25 @@ def from_train_state(base: state_lib.TrainState, idx_queue) -> FinetuneState:
                        queue_ptr=base.queue_ptr, weight_copy=base.weight_copy)
 
 
-def initial_state(config, tx, rng, params=None, ema_params=None) -> FinetuneState:
-  """Random unit queues with NO_ID; params (and teacher) from a checkpoint when given,
-  else a random init. The teacher defaults to a copy of the student."""
+def initial_state(config, tx, rng, params=None, ema_params=None,
+                  queues=None) -> FinetuneState:
+  """params (and teacher) from a checkpoint when given, else a random init; the teacher
+  defaults to a copy of the student. queues: (image [Q, E], text [Q, E], pointer, ids [Q])
+  from the checkpoint, as ALBEF's load_state_dict(strict=False) takes them, else random
+  unit queues; ids NO_ID where none were saved (pretraining's features are no positives)."""
   base = state_lib.create_train_state(config, rng, tx)
   if params is not None:
     ema = ema_params if ema_params is not None else state_lib.teacher_subset(params)
     base = state_lib.refresh_weight_copy(
         base.replace(params=params, ema_params=ema, opt_state=tx.init(params)), config.model)
-  return from_train_state(base, jnp.full((config.queue_size,), NO_ID, jnp.int32))
+  ids = jnp.full((config.queue_size,), NO_ID, jnp.int32)
+  if queues is not None:
+    image_queue, text_queue, ptr, saved_ids = queues
+    base = base.replace(image_queue=jnp.asarray(image_queue, jnp.float32),
+                        text_queue=jnp.asarray(text_queue, jnp.float32),
+                        queue_ptr=jnp.asarray(ptr, base.queue_ptr.dtype))
+    ids = ids if saved_ids is None else jnp.asarray(saved_ids, jnp.int32)
+  return from_train_state(base, ids)
 
 
 def itc_with_ids(img, txt, img_m, txt_m, img_queue, txt_queue, ids, id_queue, temp, alpha):
