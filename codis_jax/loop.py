@@ -175,6 +175,7 @@ def _initial_state(config, tx, mesh, ckpt, start, rng_init):
     with sharding.mesh_context(mesh, config):
       state = jax.jit(lambda r: state_lib.create_train_state(config, r, tx),
                       out_shardings=shardings)(rng_init)
+    warn_random_init(config)
     if not (config.init.bert or config.init.vit):
       return state, shardings
     from codis_jax.interop import pretrained  # pylint: disable=import-outside-toplevel
@@ -182,6 +183,19 @@ def _initial_state(config, tx, mesh, ckpt, start, rng_init):
     state = state.replace(params=params, ema_params=jax.tree.map(
         jnp.copy, state_lib.teacher_subset(params)))
   return rebuild_weight_copy(state, config, shardings), shardings
+
+
+def warn_random_init(config):
+  """ALBEF (and so the paper) starts the paper's architecture from DeiT-B/16 and
+  bert-base-uncased; say so when a run of that size starts a tower from random weights."""
+  m = config.model
+  missing = [k for k in ('vit', 'bert') if not config.init.get(k)]
+  if missing and m.vit_width == 768 and m.text_width == 768:
+    log.warning('config.init.%s is empty: the %s starts from RANDOM weights, where ALBEF '
+                'and the paper initialise from DeiT-B/16 and bert-base-uncased '
+                '(README "Initialise from pretrained weights")', '/'.join(missing),
+                ' and '.join({'vit': 'image encoder', 'bert': 'text encoder'}[k]
+                             for k in missing))
 
 
 def rebuild_weight_copy(state, config, shardings):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Cloud TPU VM pod (v4-128, v5e-256, ...): the same command runs on ALL workers; JAX finds
 # the other hosts through the TPU metadata, so no coordinator address is needed.
-#   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/workdir --config.mesh.fsdp=16
+#   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/workdir --config.mesh.fsdp=16 \
+#     --config.init.vit=/weights/deit_base_patch16_224 --config.init.bert=/weights/bert-base-uncased
+# (the paper starts from DeiT-B/16 and BERT-base: without init.* the towers start random)
 # The repo must already be on every worker (e.g. git clone + launch/setup.sh through the
 # same --worker=all ssh). Checkpoints and logs go to the gs:// workdir; data paths may be
 # gs:// too. Preemption sends SIGTERM: the program checkpoints and exits 0. CONFIG defaults

@@ -59,3 +59,20 @@ def test_hardware_variants_build_the_same_state(cudnn_via_xla):
   assert paper.weight_copy is None and shapes('tpu').weight_copy is None
   assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype('bfloat16')}
   assert 'visual_encoder/blocks_0/mlp/fc1/kernel' in copy['teacher']
+
+
+def test_a_paper_sized_run_without_pretrained_towers_is_warned(caplog):
+  from codis_jax import loop  # pylint: disable=import-outside-toplevel
+  c = pretrain.get_config()
+  with caplog.at_level('WARNING', logger='codis_jax'):
+    loop.warn_random_init(c)
+  assert 'config.init.vit/bert is empty' in caplog.text
+  assert 'image encoder and text encoder' in caplog.text
+  caplog.clear()
+  c.init.vit, c.init.bert = '/weights/deit', '/weights/bert'
+  with caplog.at_level('WARNING', logger='codis_jax'):
+    loop.warn_random_init(c)
+    loop.warn_random_init(pretrain.get_config('tiny'))  # not the paper's architecture
+    c.init.bert = ''
+    loop.warn_random_init(c)
+  assert caplog.text.count('RANDOM') == 1 and 'config.init.bert is empty' in caplog.text
