@@ -191,11 +191,12 @@ def warn_random_init(config):
   m = config.model
   missing = [k for k in ('vit', 'bert') if not config.init.get(k)]
   if missing and m.vit_width == 768 and m.text_width == 768:
-    log.warning('config.init.%s is empty: the %s starts from RANDOM weights, where ALBEF '
+    towers = ' and the '.join({'vit': 'image encoder', 'bert': 'text encoder'}[k]
+                              for k in missing)
+    log.warning('config.init.%s is empty: the %s start%s from RANDOM weights, where ALBEF '
                 'and the paper initialise from DeiT-B/16 and bert-base-uncased '
-                '(README "Initialise from pretrained weights")', '/'.join(missing),
-                ' and '.join({'vit': 'image encoder', 'bert': 'text encoder'}[k]
-                             for k in missing))
+                '(README "Initialise from pretrained weights")', '/'.join(missing), towers,
+                '' if len(missing) > 1 else 's')
 
 
 def rebuild_weight_copy(state, config, shardings):

@@ -67,7 +67,7 @@ def test_a_paper_sized_run_without_pretrained_towers_is_warned(caplog):
   with caplog.at_level('WARNING', logger='codis_jax'):
     loop.warn_random_init(c)
   assert 'config.init.vit/bert is empty' in caplog.text
-  assert 'image encoder and text encoder' in caplog.text
+  assert 'the image encoder and the text encoder start from RANDOM' in caplog.text
   caplog.clear()
   c.init.vit, c.init.bert = '/weights/deit', '/weights/bert'
   with caplog.at_level('WARNING', logger='codis_jax'):
@@ -75,4 +75,5 @@ def test_a_paper_sized_run_without_pretrained_towers_is_warned(caplog):
     loop.warn_random_init(pretrain.get_config('tiny'))  # not the paper's architecture
     c.init.bert = ''
     loop.warn_random_init(c)
-  assert caplog.text.count('RANDOM') == 1 and 'config.init.bert is empty' in caplog.text
+  assert caplog.text.count('RANDOM') == 1
+  assert 'config.init.bert is empty: the text encoder starts from RANDOM' in caplog.text
